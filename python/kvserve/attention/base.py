@@ -1,0 +1,56 @@
+"""The attention backend interface: what the model asks of an attention implementation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """One step's batch layout, built by the runner from the core's plan.
+
+    Sequences are ordered decodes first: the first ``num_decodes`` have one new token each.
+    """
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: cache slot of each new token's K/V
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]: prefix sums of new tokens
+    seq_lens: torch.Tensor  # int32 [num_seqs]: context length after this step
+    block_table: torch.Tensor  # int32 [num_seqs, max_blocks], -1 padded
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so backends that loop over sequences never synchronise with the device.
+    query_start_loc_cpu: torch.Tensor
+    seq_lens_cpu: torch.Tensor
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.seq_lens.shape[0])
+
+
+class AttentionBackend(Protocol):
+    """Writes the step's K/V into the paged cache and attends over it."""
+
+    name: str
+
+    def kv_cache_shape(
+        self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+    ) -> tuple[int, ...]:
+        """Shape of one layer's K (or V) cache. Dimension 0 is always the block id."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Write k/v at meta.slot_mapping, then attend causally (bottom-right aligned)."""
+        ...
