@@ -1,0 +1,75 @@
+//! Pure-Rust cost of one engine step (schedule + commit) with N running decodes, ~1k-token
+//! contexts sharing a 512-token prefix: the Rust half of benches/bench_core.py, without
+//! Python, for profiling (`perf record ./target/release/examples/step_cost 4096`).
+//!
+//! Run: cargo run --release --example step_cost -- [num_seqs] [steps]
+
+use std::time::Instant;
+
+use _core::{Config, RequestParams, Scheduler};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let n: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1024);
+    let steps: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(300);
+    let max_model_len = 1024 + 4 * steps;
+    let cfg = Config {
+        num_gpu_blocks: n * (max_model_len / 16 + 1) + 64,
+        block_size: 16,
+        max_num_seqs: n,
+        max_num_batched_tokens: 16384.max(n),
+        max_model_len,
+        max_waiting: n,
+        ..Config::default()
+    };
+    let mut s = Scheduler::new(cfg)?;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rnd = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x % 32000) as i64
+    };
+    let shared: Vec<i64> = (0..512).map(|_| rnd()).collect();
+    for i in 0..n {
+        let mut prompt = shared.clone();
+        prompt.extend((0..512).map(|_| rnd()));
+        s.add_request(RequestParams {
+            request_id: format!("r{i}"),
+            prompt_token_ids: prompt,
+            max_tokens: 1 << 30,
+            ignore_eos: true,
+            ..Default::default()
+        })?;
+    }
+    // Prefill everything, then time decode steps only.
+    loop {
+        let plan = s.schedule()?;
+        let tokens: Vec<i64> = (0..plan.sample_handles.len()).map(|_| rnd()).collect();
+        s.commit(plan.id, &tokens)?;
+        if plan.num_decodes == n {
+            break;
+        }
+    }
+    let tokens: Vec<i64> = (0..n).map(|_| rnd()).collect();
+    let (mut sched, mut commit) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let t0 = Instant::now();
+        let plan = s.schedule()?;
+        let t1 = Instant::now();
+        s.commit(plan.id, &tokens)?;
+        sched.push((t1 - t0).as_secs_f64() * 1e6);
+        commit.push(t1.elapsed().as_secs_f64() * 1e6);
+    }
+    println!(
+        "{n} decodes: schedule median {:.1} us, commit median {:.1} us ({steps} steps)",
+        median(&mut sched),
+        median(&mut commit)
+    );
+    Ok(())
+}

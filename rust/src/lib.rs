@@ -1,0 +1,22 @@
+//! kvserve's core: the paged KV block pool, the prefix cache and the continuous-batching
+//! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python.rs` behind
+//! the "python" feature.
+
+pub mod block_pool;
+pub mod config;
+pub mod error;
+mod invariants;
+pub mod metrics;
+pub mod plan;
+pub mod prefix_cache;
+pub mod request;
+pub mod scheduler;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use config::{Config, PreemptionMode};
+pub use error::{CoreError, CoreResult};
+pub use plan::{Plan, StepOutput};
+pub use request::RequestParams;
+pub use scheduler::{RequestStats, Scheduler};

@@ -1,0 +1,38 @@
+//! The per-step batch plan handed to the runner as flat arrays, and a commit's output.
+
+/// One step's work. Arrays are flat so the binding can hand them to numpy without a copy.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub id: u64,
+    pub num_seqs: usize,
+    pub num_tokens: usize,
+    /// The first `num_decodes` sequences have exactly one new token each.
+    pub num_decodes: usize,
+    pub handles: Vec<u64>,
+    pub input_ids: Vec<i64>,
+    pub positions: Vec<i64>,
+    pub slot_mapping: Vec<i64>,
+    /// num_seqs + 1 prefix sums of new tokens.
+    pub query_start_loc: Vec<i32>,
+    /// Context length after this step.
+    pub seq_lens: Vec<i32>,
+    /// Row-major [num_seqs, max_blocks], padded with -1.
+    pub block_table: Vec<i32>,
+    pub max_blocks: usize,
+    pub logits_indices: Vec<i64>,
+    pub sample_handles: Vec<u64>,
+    /// Flattened pairs: (gpu, host), (host, gpu), (src gpu, dst gpu).
+    pub swap_out: Vec<i64>,
+    pub swap_in: Vec<i64>,
+    pub copies: Vec<i64>,
+}
+
+/// What a commit appended and who finished.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepOutput {
+    pub handles: Vec<u64>,
+    pub token_ids: Vec<i64>,
+    pub finished_handles: Vec<u64>,
+    pub finish_reasons: Vec<&'static str>,
+    pub finished_ids: Vec<String>,
+}

@@ -1,0 +1,873 @@
+//! The continuous-batching scheduler: admission, per-step token budget, chunked prefill,
+//! prefix reuse, preemption (recompute or swap), and commit with stop conditions.
+//!
+//! State moves only in `schedule` (blocks, queues, swaps) and `commit` (computed tokens,
+//! appended tokens, finished requests). Every error is returned before anything changes.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use crate::block_pool::BlockPool;
+use crate::config::{Config, PreemptionMode};
+use crate::error::{invalid, CoreError, CoreResult};
+use crate::metrics::Counters;
+use crate::plan::{Plan, StepOutput};
+use crate::prefix_cache::{extend_hashes, root_hash, PrefixCache};
+use crate::request::{Request, RequestParams, Status};
+
+/// Queue key: (priority, arrival, slot); lower sorts first.
+type QueueKey = (i64, u64, usize);
+
+/// How many finished requests `request_stats` still remembers.
+const FINISHED_MEMORY: usize = 4096;
+
+/// One sequence scheduled in the current step.
+#[derive(Debug, Clone, Copy)]
+struct Scheduled {
+    slot: usize,
+    num_new: usize,
+    /// Blocks the sequence holds for this step (its block-table row length).
+    num_blocks: usize,
+    /// One new token that completes the context (sampled): a decode row.
+    decode: bool,
+    removed: bool,
+}
+
+impl Scheduled {
+    fn new(slot: usize, r: &Request, num_new: usize) -> Self {
+        let decode = num_new == 1 && r.num_computed + 1 == r.tokens.len();
+        Scheduled {
+            slot,
+            num_new,
+            num_blocks: r.blocks.len(),
+            decode,
+            removed: false,
+        }
+    }
+}
+
+/// The last plan, kept until it is committed.
+#[derive(Debug, Default)]
+struct Pending {
+    plan_id: u64,
+    seqs: Vec<(usize, u64, usize)>,
+    samples: Vec<(usize, u64)>,
+}
+
+/// What `request_stats` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestStats {
+    pub handle: u64,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub cached_prompt_tokens: usize,
+    pub num_computed_tokens: usize,
+    pub num_preemptions: u32,
+    pub state: String,
+}
+
+#[derive(Debug)]
+pub struct Scheduler {
+    pub(crate) cfg: Config,
+    pub(crate) gpu: BlockPool,
+    pub(crate) host: BlockPool,
+    pub(crate) prefix: PrefixCache,
+    pub(crate) slots: Vec<Option<Request>>,
+    free_slots: Vec<usize>,
+    pub(crate) by_id: HashMap<String, usize>,
+    pub(crate) running: Vec<usize>,
+    pub(crate) waiting: BTreeSet<QueueKey>,
+    pub(crate) swapped: BTreeSet<QueueKey>,
+    next_handle: u64,
+    next_arrival: u64,
+    next_plan_id: u64,
+    pending: Option<Pending>,
+    pub(crate) counters: Counters,
+    finished: HashMap<String, RequestStats>,
+    finished_order: VecDeque<String>,
+    evicted_scratch: Vec<u128>,
+}
+
+fn key(r: &Request, slot: usize) -> QueueKey {
+    (r.priority, r.arrival, slot)
+}
+
+impl Scheduler {
+    pub fn new(cfg: Config) -> CoreResult<Self> {
+        cfg.validate()?;
+        Ok(Scheduler {
+            gpu: BlockPool::new("gpu", cfg.num_gpu_blocks),
+            host: BlockPool::new("host", cfg.num_host_blocks),
+            prefix: PrefixCache::new(
+                cfg.num_gpu_blocks,
+                cfg.num_gpu_blocks.saturating_mul(4).min(1 << 20),
+            ),
+            cfg,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            by_id: HashMap::new(),
+            running: Vec::new(),
+            waiting: BTreeSet::new(),
+            swapped: BTreeSet::new(),
+            next_handle: 0,
+            next_arrival: 0,
+            next_plan_id: 0,
+            pending: None,
+            counters: Counters::default(),
+            finished: HashMap::new(),
+            finished_order: VecDeque::new(),
+            evicted_scratch: Vec::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn gpu_pool(&self) -> &BlockPool {
+        &self.gpu
+    }
+    pub fn host_pool(&self) -> &BlockPool {
+        &self.host
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_swapped(&self) -> usize {
+        self.swapped.len()
+    }
+    pub fn has_unfinished(&self) -> bool {
+        !self.by_id.is_empty()
+    }
+    pub fn pending_plan_id(&self) -> Option<u64> {
+        self.pending.as_ref().map(|p| p.plan_id)
+    }
+    /// The live request called `id`, if any.
+    pub fn request(&self, id: &str) -> Option<&Request> {
+        self.by_id.get(id).and_then(|&s| self.slots[s].as_ref())
+    }
+
+    // ---------------------------------------------------------------- admission
+
+    /// Queues a request; returns its handle. Nothing changes on error.
+    pub fn add_request(&mut self, p: RequestParams) -> CoreResult<u64> {
+        let cfg = &self.cfg;
+        if p.request_id.is_empty() {
+            return Err(invalid("request_id", "must not be empty"));
+        }
+        if self.by_id.contains_key(&p.request_id) {
+            return Err(invalid(
+                "request_id",
+                format!("{:?} is already a live request", p.request_id),
+            ));
+        }
+        let n = p.prompt_token_ids.len();
+        if n == 0 {
+            return Err(invalid("prompt_token_ids", "must not be empty"));
+        }
+        if let Some(t) = p.prompt_token_ids.iter().find(|&&t| t < 0) {
+            return Err(invalid(
+                "prompt_token_ids",
+                format!("token id {t} is negative"),
+            ));
+        }
+        if n >= cfg.max_model_len {
+            return Err(invalid(
+                "prompt_token_ids",
+                format!(
+                    "prompt has {n} tokens; max_model_len is {}",
+                    cfg.max_model_len
+                ),
+            ));
+        }
+        if p.max_tokens < 1 {
+            return Err(invalid("max_tokens", "must be at least 1"));
+        }
+        if p.min_tokens > p.max_tokens {
+            return Err(invalid(
+                "min_tokens",
+                format!("{} is more than max_tokens {}", p.min_tokens, p.max_tokens),
+            ));
+        }
+        // The last token is sampled, never fed back, so it needs no KV slot.
+        let max_total = n.saturating_add(p.max_tokens).min(cfg.max_model_len);
+        let need = cfg.blocks_for(max_total - 1);
+        if need > cfg.num_gpu_blocks {
+            let field = if cfg.blocks_for(n) > cfg.num_gpu_blocks {
+                "prompt_token_ids"
+            } else {
+                "max_tokens"
+            };
+            return Err(invalid(
+                field,
+                format!(
+                    "prompt ({n} tokens) plus max_tokens ({}) needs {need} blocks of {}; \
+                     the GPU pool has only {}, so it could never run",
+                    p.max_tokens, cfg.block_size, cfg.num_gpu_blocks
+                ),
+            ));
+        }
+        if self.waiting.len() >= cfg.max_waiting {
+            return Err(CoreError::AtCapacity {
+                waiting: self.waiting.len(),
+                max_waiting: cfg.max_waiting,
+            });
+        }
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        let root = root_hash(p.cache_salt.as_deref());
+        let id = p.request_id.clone();
+        let req = Request::new(p, handle, arrival, root);
+        let slot = match self.free_slots.pop() {
+            Some(s) => s,
+            None => {
+                self.slots.push(None);
+                self.slots.len() - 1
+            }
+        };
+        self.waiting.insert(key(&req, slot));
+        self.slots[slot] = Some(req);
+        self.by_id.insert(id, slot);
+        self.counters.requests_added += 1;
+        Ok(handle)
+    }
+
+    // ---------------------------------------------------------------- schedule
+
+    /// Builds the next step's plan. Fails if the previous plan (with sequences) has not
+    /// been committed.
+    pub fn schedule(&mut self) -> CoreResult<Plan> {
+        if let Some(p) = &self.pending {
+            if !p.seqs.is_empty() {
+                return Err(CoreError::StalePlan {
+                    msg: format!(
+                        "plan {} has not been committed; commit it before scheduling again",
+                        p.plan_id
+                    ),
+                });
+            }
+        }
+        self.pending = None;
+        let mut budget = self.cfg.max_num_batched_tokens;
+        let mut sched: Vec<Scheduled> = Vec::with_capacity(self.running.len() + 8);
+        let mut swap_out: Vec<i64> = Vec::new();
+        let mut swap_in: Vec<i64> = Vec::new();
+        let mut copies: Vec<i64> = Vec::new();
+        let mut preempted = false;
+
+        // Phase 1: running sequences, decodes (one token left) before prefill chunks.
+        // The running list is copied: preemption edits it while we walk it.
+        let order: Vec<usize> = self.running.clone();
+        let mut chunks: Vec<usize> = Vec::new();
+        let mut in_chunk_pass = false;
+        let mut i = 0;
+        loop {
+            let slot = if !in_chunk_pass {
+                match order.get(i) {
+                    Some(&s) => s,
+                    None => {
+                        in_chunk_pass = true;
+                        i = 0;
+                        continue;
+                    }
+                }
+            } else {
+                match chunks.get(i) {
+                    Some(&s) => s,
+                    None => break,
+                }
+            };
+            i += 1;
+            if budget == 0 {
+                break;
+            }
+            let r = self.req(slot);
+            // An earlier iteration may have preempted this one.
+            if r.status != Status::Running {
+                continue;
+            }
+            // Decodes (one token left) first; prefill chunks wait for the second pass.
+            if !in_chunk_pass && r.num_uncomputed() != 1 {
+                chunks.push(slot);
+                continue;
+            }
+            let num_new = r.num_uncomputed().min(budget);
+            let need = self
+                .cfg
+                .blocks_for(r.num_computed + num_new)
+                .saturating_sub(r.blocks.len());
+            let mut self_preempted = false;
+            while self.gpu.num_available() < need {
+                let victim = self.pick_victim();
+                preempted = true;
+                if let Some(i) = sched.iter().position(|x| x.slot == victim && !x.removed) {
+                    sched[i].removed = true;
+                    budget += sched[i].num_new;
+                }
+                self.preempt(victim, &mut swap_out);
+                if victim == slot {
+                    self_preempted = true;
+                    break;
+                }
+            }
+            if self_preempted {
+                continue;
+            }
+            self.grow(slot, need);
+            sched.push(Scheduled::new(slot, self.req(slot), num_new));
+            budget -= num_new;
+        }
+
+        // Phases 2 and 3 admit new work, which a step that had to preempt must not do.
+        if !preempted {
+            self.swap_in_phase(&mut budget, &mut sched, &mut swap_in);
+            // Swapped requests hold host memory and were running: they come back first.
+            if self.swapped.is_empty() {
+                self.admit_phase(&mut budget, &mut sched, &mut copies);
+            }
+        }
+
+        let plan = self.build_plan(sched, swap_out, swap_in, copies);
+        Ok(plan)
+    }
+
+    fn req(&self, slot: usize) -> &Request {
+        // Slots in queues always hold a request; a hole here is a bug, not caller input.
+        self.slots[slot]
+            .as_ref()
+            .expect("queued slot holds a request")
+    }
+
+    fn req_mut(&mut self, slot: usize) -> &mut Request {
+        self.slots[slot]
+            .as_mut()
+            .expect("queued slot holds a request")
+    }
+
+    /// Allocates `n` more GPU blocks for a running request (caller checked availability).
+    fn grow(&mut self, slot: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut new_blocks = Vec::with_capacity(n);
+        let mut ev = std::mem::take(&mut self.evicted_scratch);
+        let res = self.gpu.allocate(n, &mut new_blocks, &mut ev);
+        debug_assert!(res.is_ok());
+        for h in ev.drain(..) {
+            self.prefix.on_evicted(h);
+        }
+        self.evicted_scratch = ev;
+        self.req_mut(slot).blocks.extend_from_slice(&new_blocks);
+    }
+
+    /// The running request to preempt: lowest priority (largest value), latest arrival.
+    fn pick_victim(&self) -> usize {
+        let mut best = self.running[0];
+        let mut best_key = self.req(best).order_key();
+        for &s in &self.running[1..] {
+            let k = self.req(s).order_key();
+            if k > best_key {
+                best = s;
+                best_key = k;
+            }
+        }
+        best
+    }
+
+    /// Swap when host blocks allow and (for auto) moving KV twice over PCIe is cheaper
+    /// than recomputing it.
+    fn choose_swap(&self, r: &Request) -> bool {
+        let n = self.cfg.blocks_for(r.num_computed);
+        if n == 0 || self.host.num_available() < n {
+            return false;
+        }
+        match self.cfg.preemption_mode {
+            PreemptionMode::Recompute => false,
+            PreemptionMode::Swap => true,
+            PreemptionMode::Auto => {
+                let bytes = (n * self.cfg.block_size) as f64 * self.cfg.kv_bytes_per_token as f64;
+                let swap_s = 2.0 * bytes / self.cfg.swap_bytes_per_s;
+                let recompute_s =
+                    r.num_computed as f64 * self.cfg.flops_per_token / self.cfg.prefill_flops_per_s;
+                swap_s < recompute_s
+            }
+        }
+    }
+
+    fn preempt(&mut self, slot: usize, swap_out: &mut Vec<i64>) {
+        let swap = self.choose_swap(self.req(slot));
+        self.running.retain(|&s| s != slot);
+        let mut r = self.slots[slot]
+            .take()
+            .expect("running slot holds a request");
+        r.num_preemptions += 1;
+        if swap {
+            let n = self.cfg.blocks_for(r.num_computed);
+            let mut host_blocks = Vec::with_capacity(n);
+            let mut ev = Vec::new();
+            let res = self.host.allocate(n, &mut host_blocks, &mut ev);
+            debug_assert!(res.is_ok());
+            for (g, h) in r.blocks.iter().zip(&host_blocks) {
+                swap_out.push(i64::from(*g));
+                swap_out.push(i64::from(*h));
+            }
+            r.host_blocks = host_blocks;
+            self.counters.preemptions_swap += 1;
+            self.counters.swapped_out_blocks += n as u64;
+            r.status = Status::Swapped;
+            self.swapped.insert(key(&r, slot));
+        } else {
+            r.computed_before_preemption = r.computed_before_preemption.max(r.num_computed);
+            r.num_computed = 0;
+            self.counters.preemptions_recompute += 1;
+            r.status = Status::Waiting;
+            self.waiting.insert(key(&r, slot));
+        }
+        // Tail blocks first, so the LRU evicts a sequence's tail before its prefix.
+        for &b in r.blocks.iter().rev() {
+            self.gpu.decref(b);
+        }
+        r.blocks.clear();
+        r.num_registered_blocks = 0;
+        self.slots[slot] = Some(r);
+    }
+
+    /// Whether an admission may take `need` more blocks out of `available`, keeping the
+    /// watermark for running decodes (unless nothing runs, so nothing starves).
+    fn admissible(&self, available: usize, need: usize) -> bool {
+        if available < need {
+            return false;
+        }
+        self.running.is_empty() || available - need >= self.cfg.watermark_blocks()
+    }
+
+    fn swap_in_phase(
+        &mut self,
+        budget: &mut usize,
+        sched: &mut Vec<Scheduled>,
+        swap_in: &mut Vec<i64>,
+    ) {
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&(prio, arr, slot)) = self.swapped.first() else {
+                break;
+            };
+            let (num_new, need) = {
+                let r = self.req(slot);
+                let num_new = r.num_uncomputed().min(*budget);
+                (num_new, self.cfg.blocks_for(r.num_computed + num_new))
+            };
+            if !self.admissible(self.gpu.num_available(), need) {
+                break;
+            }
+            self.swapped.remove(&(prio, arr, slot));
+            self.grow(slot, need);
+            let r = self.slots[slot]
+                .as_mut()
+                .expect("swapped slot holds a request");
+            for (h, g) in r.host_blocks.iter().zip(&r.blocks) {
+                swap_in.push(i64::from(*h));
+                swap_in.push(i64::from(*g));
+            }
+            self.counters.swapped_in_blocks += r.host_blocks.len() as u64;
+            for &h in &r.host_blocks {
+                self.host.decref(h);
+            }
+            r.host_blocks.clear();
+            r.status = Status::Running;
+            self.running.push(slot);
+            sched.push(Scheduled::new(slot, self.req(slot), num_new));
+            *budget -= num_new;
+        }
+    }
+
+    fn admit_phase(
+        &mut self,
+        budget: &mut usize,
+        sched: &mut Vec<Scheduled>,
+        copies: &mut Vec<i64>,
+    ) {
+        let bs = self.cfg.block_size;
+        let mut hit: Vec<u32> = Vec::new();
+        while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&(prio, arr, slot)) = self.waiting.first() else {
+                break;
+            };
+            // Longest cached prefix of full blocks.
+            hit.clear();
+            if self.cfg.enable_prefix_caching {
+                let r = self.slots[slot]
+                    .as_mut()
+                    .expect("waiting slot holds a request");
+                extend_hashes(&mut r.block_hashes, r.root_hash, &r.tokens, bs);
+                for &h in &r.block_hashes {
+                    match self.prefix.get(h) {
+                        Some(b) => hit.push(b),
+                        None => break,
+                    }
+                }
+            }
+            let r = self.req(slot);
+            let len = r.tokens.len();
+            // A whole-prompt hit still recomputes the last token, into a copy of the last
+            // cached block (copy-on-write), so the model produces its logits.
+            let cow_src = if hit.len() * bs == len {
+                hit.pop()
+            } else {
+                None
+            };
+            let computed = if cow_src.is_some() {
+                len - 1
+            } else {
+                hit.len() * bs
+            };
+            let num_new = (len - computed).min(*budget);
+            let total_blocks = self.cfg.blocks_for(computed + num_new);
+            let need = total_blocks - hit.len();
+            // Hit blocks that sit on the LRU list stop being available once taken.
+            let mut taken = hit
+                .iter()
+                .filter(|&&b| self.gpu.is_cached_evictable(b))
+                .count();
+            if let Some(src) = cow_src {
+                taken += usize::from(self.gpu.is_cached_evictable(src));
+            }
+            let available = self.gpu.num_available() - taken;
+            if !self.admissible(available, need) {
+                break;
+            }
+
+            // Counters: what was asked of the cache, what it served, what is recomputed.
+            let prev = r.computed_before_preemption;
+            let mut recomputed = prev.saturating_sub(computed);
+            if self.cfg.enable_prefix_caching {
+                let first = computed.max(prev).div_ceil(bs);
+                recomputed += r.block_hashes[first.min(r.block_hashes.len())..]
+                    .iter()
+                    .filter(|&&h| self.prefix.was_evicted(h))
+                    .count()
+                    * bs;
+            }
+            self.counters.prefix_queries_tokens += len as u64;
+            self.counters.prefix_hits_tokens += computed as u64;
+            self.counters.recomputed_tokens += recomputed as u64;
+
+            self.waiting.remove(&(prio, arr, slot));
+            for &b in &hit {
+                self.gpu.incref(b);
+            }
+            if let Some(src) = cow_src {
+                self.gpu.incref(src); // pinned so the copy's own allocation can't evict it
+            }
+            let mut r = self.slots[slot]
+                .take()
+                .expect("waiting slot holds a request");
+            r.blocks.clear();
+            r.blocks.extend_from_slice(&hit);
+            r.num_registered_blocks = hit.len();
+            r.num_computed = computed;
+            r.computed_before_preemption = 0;
+            if !r.admitted_once {
+                r.admitted_once = true;
+                r.cached_prompt_tokens = computed;
+            }
+            r.status = Status::Running;
+            self.slots[slot] = Some(r);
+            let first_new = self.req(slot).blocks.len();
+            self.grow(slot, need);
+            if let Some(src) = cow_src {
+                let dst = self.req(slot).blocks[first_new];
+                copies.push(i64::from(src));
+                copies.push(i64::from(dst));
+                self.counters.cow_copies += 1;
+                self.gpu.decref(src);
+            }
+            self.running.push(slot);
+            sched.push(Scheduled::new(slot, self.req(slot), num_new));
+            *budget -= num_new;
+        }
+    }
+
+    fn build_plan(
+        &mut self,
+        sched: Vec<Scheduled>,
+        swap_out: Vec<i64>,
+        swap_in: Vec<i64>,
+        copies: Vec<i64>,
+    ) -> Plan {
+        let shift = self.cfg.block_shift();
+        let mask = self.cfg.block_size - 1;
+        // Decodes (one new token that is sampled) first, everything else after, stable.
+        let mut ordered: Vec<Scheduled> = Vec::with_capacity(sched.len());
+        ordered.extend(sched.iter().filter(|s| !s.removed && s.decode));
+        let num_decodes = ordered.len();
+        ordered.extend(sched.iter().filter(|s| !s.removed && !s.decode));
+
+        let num_seqs = ordered.len();
+        let num_tokens: usize = ordered.iter().map(|s| s.num_new).sum();
+        let max_blocks = ordered.iter().map(|s| s.num_blocks).max().unwrap_or(0);
+        let mut plan = Plan {
+            id: self.next_plan_id,
+            num_seqs,
+            num_tokens,
+            num_decodes,
+            handles: Vec::with_capacity(num_seqs),
+            input_ids: Vec::with_capacity(num_tokens),
+            positions: Vec::with_capacity(num_tokens),
+            slot_mapping: Vec::with_capacity(num_tokens),
+            query_start_loc: Vec::with_capacity(num_seqs + 1),
+            seq_lens: Vec::with_capacity(num_seqs),
+            block_table: Vec::with_capacity(num_seqs * max_blocks),
+            max_blocks,
+            logits_indices: Vec::with_capacity(num_seqs),
+            sample_handles: Vec::with_capacity(num_seqs),
+            swap_out,
+            swap_in,
+            copies,
+        };
+        self.next_plan_id += 1;
+        let mut pending = Pending {
+            plan_id: plan.id,
+            seqs: Vec::with_capacity(num_seqs),
+            samples: Vec::with_capacity(num_seqs),
+        };
+        plan.query_start_loc.push(0);
+        for s in &ordered {
+            let r = self.req(s.slot);
+            let start = r.num_computed;
+            let end = start + s.num_new;
+            plan.handles.push(r.handle);
+            if s.decode {
+                // The cached last token spares a cache miss on the token Vec's tail.
+                plan.input_ids.push(r.last_token);
+            } else {
+                plan.input_ids.extend_from_slice(&r.tokens[start..end]);
+            }
+            for p in start..end {
+                plan.positions.push(p as i64);
+                let block = i64::from(r.blocks[p >> shift]);
+                plan.slot_mapping.push((block << shift) | (p & mask) as i64);
+            }
+            plan.query_start_loc.push(plan.input_ids.len() as i32);
+            plan.seq_lens.push(end as i32);
+            // Each table element is written once (no fill then overwrite).
+            plan.block_table.extend(r.blocks.iter().map(|&b| b as i32));
+            plan.block_table
+                .extend(std::iter::repeat_n(-1, max_blocks - r.blocks.len()));
+            if end == r.tokens.len() {
+                plan.logits_indices.push(plan.input_ids.len() as i64 - 1);
+                plan.sample_handles.push(r.handle);
+                pending.samples.push((s.slot, r.handle));
+            }
+            pending.seqs.push((s.slot, r.handle, s.num_new));
+        }
+        self.counters.steps += 1;
+        self.counters.tokens_scheduled_last_step = num_tokens as u64;
+        self.counters.seqs_scheduled_last_step = num_seqs as u64;
+        self.counters.tokens_scheduled_total += num_tokens as u64;
+        self.pending = Some(pending);
+        plan
+    }
+
+    // ---------------------------------------------------------------- commit
+
+    /// Applies the sampled tokens of the latest plan. Rows whose request was aborted or
+    /// finished since `schedule` are skipped.
+    pub fn commit(&mut self, plan_id: u64, sampled: &[i64]) -> CoreResult<StepOutput> {
+        let p = match &self.pending {
+            Some(p) if p.plan_id == plan_id => p,
+            Some(p) => {
+                return Err(CoreError::StalePlan {
+                    msg: format!("plan {plan_id} is not the latest plan ({})", p.plan_id),
+                })
+            }
+            None => {
+                return Err(CoreError::StalePlan {
+                    msg: format!("plan {plan_id} was already committed or never issued"),
+                })
+            }
+        };
+        if sampled.len() != p.samples.len() {
+            return Err(invalid(
+                "sampled_token_ids",
+                format!(
+                    "got {} tokens; plan {plan_id} has {} sample rows",
+                    sampled.len(),
+                    p.samples.len()
+                ),
+            ));
+        }
+        if let Some(t) = sampled.iter().find(|&&t| t < 0) {
+            return Err(invalid(
+                "sampled_token_ids",
+                format!("token id {t} is negative"),
+            ));
+        }
+        let Some(p) = self.pending.take() else {
+            return Err(CoreError::StalePlan {
+                msg: "no plan".into(),
+            });
+        };
+        let bs = self.cfg.block_size;
+        let caching = self.cfg.enable_prefix_caching;
+        let max_model_len = self.cfg.max_model_len;
+        let mut out = StepOutput {
+            handles: Vec::with_capacity(sampled.len()),
+            token_ids: Vec::with_capacity(sampled.len()),
+            ..Default::default()
+        };
+        let mut any_finished = false;
+        // One pass: sampled rows are a subsequence of the plan's sequences, in order.
+        let mut next_sample = 0;
+        for &(slot, handle, num_new) in &p.seqs {
+            let tok = match p.samples.get(next_sample) {
+                Some(&(s, h)) if s == slot && h == handle => {
+                    next_sample += 1;
+                    Some(sampled[next_sample - 1])
+                }
+                _ => None,
+            };
+            let Some(r) = self.slots[slot].as_mut().filter(|r| r.handle == handle) else {
+                continue;
+            };
+            if r.status != Status::Running {
+                continue;
+            }
+            r.num_computed += num_new;
+            if caching {
+                register_full_blocks(r, &mut self.gpu, &mut self.prefix, bs);
+            }
+            let Some(tok) = tok else { continue };
+            r.tokens.push(tok);
+            r.last_token = tok;
+            out.handles.push(handle);
+            out.token_ids.push(tok);
+            if let Some(reason) = r.stop_reason(tok, max_model_len) {
+                out.finished_handles.push(handle);
+                out.finish_reasons.push(reason);
+                out.finished_ids.push(r.id.clone());
+                self.remove(slot, reason, false);
+                any_finished = true;
+            }
+        }
+        if any_finished {
+            let slots = &self.slots;
+            self.running.retain(|&s| slots[s].is_some());
+        }
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- finish / abort
+
+    /// Ends a live request for a reason found outside the core (e.g. a stop string).
+    pub fn finish(&mut self, id: &str, reason: &str) -> bool {
+        self.end(id, reason, false)
+    }
+
+    /// Frees everything a request holds; unknown id -> false.
+    pub fn abort(&mut self, id: &str) -> bool {
+        self.end(id, "abort", true)
+    }
+
+    fn end(&mut self, id: &str, reason: &str, aborted: bool) -> bool {
+        let Some(&slot) = self.by_id.get(id) else {
+            return false;
+        };
+        self.remove(slot, reason, aborted);
+        self.running.retain(|&s| s != slot);
+        true
+    }
+
+    /// Removes a request from every queue and frees its blocks. `running` is left for
+    /// the caller to compact (commit does it once per step).
+    fn remove(&mut self, slot: usize, reason: &str, aborted: bool) {
+        let Some(r) = self.slots[slot].take() else {
+            return;
+        };
+        match r.status {
+            Status::Waiting => {
+                self.waiting.remove(&key(&r, slot));
+            }
+            Status::Swapped => {
+                self.swapped.remove(&key(&r, slot));
+            }
+            Status::Running => {}
+        }
+        for &b in r.blocks.iter().rev() {
+            self.gpu.decref(b);
+        }
+        for &h in &r.host_blocks {
+            self.host.decref(h);
+        }
+        self.by_id.remove(&r.id);
+        self.free_slots.push(slot);
+        if aborted {
+            self.counters.requests_aborted += 1;
+        } else {
+            self.counters.requests_finished += 1;
+        }
+        let stats = RequestStats {
+            handle: r.handle,
+            prompt_tokens: r.num_prompt_tokens,
+            output_tokens: r.num_output_tokens(),
+            cached_prompt_tokens: r.cached_prompt_tokens,
+            num_computed_tokens: r.num_computed,
+            num_preemptions: r.num_preemptions,
+            state: if aborted {
+                "aborted".into()
+            } else {
+                format!("finished:{reason}")
+            },
+        };
+        if self.finished.insert(r.id.clone(), stats).is_none() {
+            self.finished_order.push_back(r.id);
+        }
+        while self.finished_order.len() > FINISHED_MEMORY {
+            if let Some(old) = self.finished_order.pop_front() {
+                self.finished.remove(&old);
+            }
+        }
+    }
+
+    /// Stats of a live or recently finished request.
+    pub fn request_stats(&self, id: &str) -> CoreResult<RequestStats> {
+        if let Some(r) = self.request(id) {
+            return Ok(RequestStats {
+                handle: r.handle,
+                prompt_tokens: r.num_prompt_tokens,
+                output_tokens: r.num_output_tokens(),
+                cached_prompt_tokens: r.cached_prompt_tokens,
+                num_computed_tokens: r.num_computed,
+                num_preemptions: r.num_preemptions,
+                state: r.status.as_str().into(),
+            });
+        }
+        self.finished
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownRequest(id.into()))
+    }
+}
+
+/// Registers the request's newly computed full blocks in the prefix cache.
+fn register_full_blocks(r: &mut Request, gpu: &mut BlockPool, prefix: &mut PrefixCache, bs: usize) {
+    let full = r.num_computed >> bs.trailing_zeros();
+    if full <= r.num_registered_blocks {
+        return;
+    }
+    extend_hashes(&mut r.block_hashes, r.root_hash, &r.tokens[..full * bs], bs);
+    for i in r.num_registered_blocks..full {
+        let b = r.blocks[i];
+        if gpu.hash(b).is_none() {
+            let h = r.block_hashes[i];
+            // Another block may already hold this prefix (computed side by side):
+            // keep that one and let this block go back to the free list when released.
+            if prefix.insert(h, b) {
+                gpu.set_hash(b, h);
+            }
+        }
+    }
+    r.num_registered_blocks = full;
+}
