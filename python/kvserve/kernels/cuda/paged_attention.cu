@@ -1,0 +1,507 @@
+// Paged attention over a block-table KV cache: decode and (chunked) prefill.
+//
+// One CTA computes a tile of "packed query rows" of one sequence against one KV head.
+// A packed row r of a sequence stands for (new token r / GQA, query head kv_head*GQA + r % GQA),
+// so the GQA query heads that share a KV head share every K/V load, and decode (one token,
+// GQA rows) and prefill (many tokens) are the same computation.
+//
+// Warps: WARPS_M warps share one K/V tile (each owns MT*16 different rows); WARPS_N such
+// groups walk interleaved K/V tiles of the CTA's range and are merged at the end through
+// shared memory. Prefill uses WARPS_M=4, WARPS_N=1; decode WARPS_M=1, WARPS_N=4.
+// Split-KV: with num_splits > 1 each CTA covers split_tokens of the context and writes a
+// normalised partial output plus its log2-sum-exp; merge_splits combines them.
+//
+// S = Q K^T and O += P V run on tensor cores (mma.sync m16n8k16, fp32 accumulate); K/V tiles
+// arrive by 16-byte cp.async into XOR-swizzled shared memory (conflict-free ldmatrix),
+// STAGES deep. Online softmax in the log2 domain (scale * log2(e) folded into S).
+//
+// Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), HEAD_DIM, GQA, BN, STAGES,
+// WARPS_M, WARPS_N, MT.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#if KV_BF16
+typedef __nv_bfloat16 elem_t;
+#else
+typedef __half elem_t;
+#endif
+
+typedef unsigned int u32;
+typedef long long i64;
+
+constexpr int D = HEAD_DIM;
+constexpr int G = GQA;
+constexpr int CHUNKS = D / 8;  // 16-byte chunks per K/V row
+constexpr int BM = 16 * MT * WARPS_M;  // packed rows per CTA
+constexpr int GROUP_THREADS = 32 * WARPS_M;
+constexpr int NTHREADS = GROUP_THREADS * WARPS_N;
+constexpr int TILE_BYTES = BN * D * 2;
+constexpr int GROUP_SMEM = STAGES * 2 * TILE_BYTES;
+constexpr int OSTRIDE = D + 4;  // fp32 staging row stride, padded against bank conflicts
+// With several m-tiles per warp, Q lives in shared memory (ldmatrix per k-step) instead of
+// registers: the accumulators need the registers, and each K fragment feeds MT mmas.
+constexpr bool QSMEM = MT > 1;
+constexpr int Q_BYTES = QSMEM ? BM * D * 2 : 0;
+constexpr int ROW_STEP = GROUP_THREADS / CHUNKS;  // tile rows loaded per pass
+constexpr int ROWS_PER_THREAD = BN * CHUNKS / GROUP_THREADS;
+#define NEG_INF (-__int_as_float(0x7f800000))
+
+static_assert(D % 16 == 0 && D >= 16, "HEAD_DIM must be a multiple of 16");
+static_assert(BN % 16 == 0, "BN must be a multiple of 16");
+static_assert(STAGES >= 2, "STAGES must be >= 2");
+static_assert(!QSMEM || WARPS_N == 1, "Q in shared memory needs a single warp group");
+static_assert(GROUP_THREADS % CHUNKS == 0 && (BN * CHUNKS) % GROUP_THREADS == 0,
+              "a warp group must load whole K/V tiles in equal passes");
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+  // src_bytes == 0 zero-fills the destination: rows past the context never hold garbage.
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void group_sync(int group) {
+  // The cheapest barrier covering one warp group. Named barriers (id 0 is __syncthreads)
+  // only when several multi-warp groups share the CTA: they cap CTAs per SM.
+  if constexpr (WARPS_M == 1) {
+    __syncwarp();
+  } else if constexpr (WARPS_N == 1) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(group + 1), "n"(GROUP_THREADS));
+  }
+}
+
+__device__ __forceinline__ void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if KV_BF16
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+#if KV_BF16
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+#else
+  __half2 h = __floats2half2_rn(lo, hi);
+#endif
+  return *reinterpret_cast<u32*>(&h);
+}
+
+// Byte offset of 16-byte chunk c of row r in a swizzled [rows][D] tile.
+__device__ __forceinline__ u32 swz(int r, int c) {
+  return static_cast<u32>(r * (D * 2) + ((c ^ (r & 7)) << 4));
+}
+
+extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
+    const elem_t* __restrict__ q, i64 q_stride_t, i64 q_stride_h,
+    const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache, i64 kv_stride_b,
+    i64 kv_stride_t, i64 kv_stride_h,
+    const int* __restrict__ block_table, int bt_stride,  // rows of this launch's sequences
+    const int* __restrict__ query_start_loc,  // [num_seqs + 1], absolute token indices
+    const int* __restrict__ seq_lens,         // [num_seqs]
+    elem_t* __restrict__ out, i64 out_stride_t, i64 out_stride_h,
+    float* __restrict__ part_o,    // [num_splits, part_tokens, Hq, D] when num_splits > 1
+    float* __restrict__ part_lse,  // [num_splits, part_tokens, Hq]
+    int token_base, int part_tokens, int num_splits, int split_tokens, int block_size,
+    int block_shift, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int seq = blockIdx.z;
+  const int kvh = blockIdx.y;
+  // Last query tiles first: under the causal mask they carry the most work, so the
+  // light tiles fill the tail of the launch.
+  const int qtile = gridDim.x / num_splits - 1 - static_cast<int>(blockIdx.x / num_splits);
+  const int split = blockIdx.x % num_splits;
+  const int num_hq = gridDim.y * G;
+
+  const int q_start = query_start_loc[seq];
+  const int qlen = query_start_loc[seq + 1] - q_start;
+  const int seq_len = seq_lens[seq];
+  const int nrows = qlen * G;
+  const int row0 = qtile * BM;
+  if (row0 >= nrows) return;  // uniform over the CTA
+  const int prefix = seq_len - qlen;  // cached tokens before the first new one
+
+  // Causal bound of the tile's last row; a split narrows the range further.
+  int kv_end = prefix + (min(row0 + BM, nrows) - 1) / G + 1;
+  int kv_begin = 0;
+  if (num_splits > 1) {
+    kv_begin = split * split_tokens;
+    kv_end = min(kv_end, kv_begin + split_tokens);
+  }
+  const int ntiles = kv_end > kv_begin ? (kv_end - kv_begin + BN - 1) / BN : 0;
+
+  const int warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31;
+  const int wm = warp % WARPS_M;
+  const int wn = warp / WARPS_M;  // warp group
+  const int gtid = threadIdx.x - wn * GROUP_THREADS;
+  const int gid = lane >> 2;  // mma "groupID": fragment row
+  const int tig = lane & 3;   // thread in group: fragment column pair
+
+  const int* bt = block_table + static_cast<i64>(seq) * bt_stride;
+  const i64 head_off = static_cast<i64>(kvh) * kv_stride_h;
+  unsigned char* gsmem = smem + Q_BYTES + wn * GROUP_SMEM;
+  const u32 qs_u32 = smem_addr(smem);
+  const u32 gsmem_u32 = smem_addr(gsmem);
+
+  // ---- Q, once per CTA: A-operand fragments straight from global memory into registers,
+  // or (QSMEM) the whole tile into shared memory by cp.async.
+  u32 qf[QSMEM ? 1 : MT][QSMEM ? 1 : D / 16][4];
+  int lim[MT][2];  // last KV index each of my rows may see (-1: padding row)
+  if constexpr (QSMEM) {
+    for (int idx = threadIdx.x; idx < BM * CHUNKS; idx += NTHREADS) {
+      const int r = idx / CHUNKS;
+      const int c = idx % CHUNKS;
+      const int row = row0 + r;
+      const elem_t* src = q;
+      if (row < nrows) {
+        src += static_cast<i64>(q_start + row / G) * q_stride_t +
+               static_cast<i64>(kvh * G + row % G) * q_stride_h + c * 8;
+      }
+      cp_async16(qs_u32 + swz(r, c), src, row < nrows ? 16 : 0);
+    }
+    cp_async_commit();  // completes before the first K/V group (groups retire in order)
+  }
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = row0 + wm * 16 * MT + mt * 16 + gid + h * 8;
+      const bool valid = row < nrows;
+      const int t = row / G;
+      lim[mt][h] = valid ? prefix + t : -1;
+      if constexpr (QSMEM) continue;
+      const elem_t* qrow = q + static_cast<i64>(q_start + t) * q_stride_t +
+                           static_cast<i64>(kvh * G + row % G) * q_stride_h;
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) {
+        u32 lo = 0, hi = 0;
+        if (valid) {
+          lo = *reinterpret_cast<const u32*>(qrow + ks * 16 + tig * 2);
+          hi = *reinterpret_cast<const u32*>(qrow + ks * 16 + 8 + tig * 2);
+        }
+        qf[QSMEM ? 0 : mt][QSMEM ? 0 : ks][h] = lo;      // a0 / a1: columns tig*2..+1
+        qf[QSMEM ? 0 : mt][QSMEM ? 0 : ks][h + 2] = hi;  // a2 / a3: columns 8+tig*2..+1
+      }
+    }
+  }
+  const int warp_row_first = row0 + wm * 16 * MT;
+  const int warp_min_lim = prefix + warp_row_first / G;
+  const bool warp_has_pad = warp_row_first + 16 * MT > nrows;
+
+  float o[MT][D / 8][4];
+  float m[MT][2], l[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    m[mt][0] = m[mt][1] = NEG_INF;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+
+  // Tiles of this group: wn, wn + WARPS_N, ...
+  const int my_tiles = ntiles > wn ? (ntiles - wn + WARPS_N - 1) / WARPS_N : 0;
+
+  // Each thread copies one fixed 16-byte column chunk of every ROW_STEP-th row of the tile,
+  // so the column math is hoisted and each row costs one block-table read and a shift.
+  auto load_tile = [&](int it, int stage) {
+    const int tile_start = kv_begin + (wn + it * WARPS_N) * BN;
+    const u32 ks = gsmem_u32 + stage * 2 * TILE_BYTES;
+    const u32 vs = ks + TILE_BYTES;
+    const int c = gtid % CHUNKS;
+    const int r0 = gtid / CHUNKS;
+#pragma unroll
+    for (int i = 0; i < ROWS_PER_THREAD; ++i) {
+      const int r = r0 + i * ROW_STEP;
+      const int j = tile_start + r;
+      const elem_t* ksrc = k_cache;
+      const elem_t* vsrc = v_cache;
+      int bytes = 0;
+      if (j < kv_end) {
+        const int blk = bt[j >> block_shift];
+        if (blk >= 0) {
+          const i64 off = static_cast<i64>(blk) * kv_stride_b +
+                          static_cast<i64>(j & (block_size - 1)) * kv_stride_t + head_off + c * 8;
+          ksrc += off;
+          vsrc += off;
+          bytes = 16;
+        }
+      }
+      cp_async16(ks + swz(r, c), ksrc, bytes);
+      cp_async16(vs + swz(r, c), vsrc, bytes);
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < my_tiles) load_tile(s, s);
+    cp_async_commit();  // always commit: keeps the group count uniform for wait_group
+  }
+
+  for (int it = 0; it < my_tiles; ++it) {
+    const int nxt = it + STAGES - 1;
+    if (nxt < my_tiles) load_tile(nxt, nxt % STAGES);
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    group_sync(wn);
+
+    const int stage = it % STAGES;
+    const u32 ks = gsmem_u32 + stage * 2 * TILE_BYTES;
+    const u32 vs = ks + TILE_BYTES;
+    const int tile_start = kv_begin + (wn + it * WARPS_N) * BN;
+
+    // ---- S = Q K^T
+    float s[MT][BN / 8][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 qa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if constexpr (QSMEM) {
+          const int r = wm * 16 * MT + mt * 16 + (lane & 15);
+          ldsm_x4(qs_u32 + swz(r, kk * 2 + (lane >> 4)), qa[mt][0], qa[mt][1], qa[mt][2],
+                  qa[mt][3]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) qa[mt][e] = qf[QSMEM ? 0 : mt][QSMEM ? 0 : kk][e];
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < BN / 16; ++np) {
+        u32 b0, b1, b2, b3;
+        const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+        const int c = kk * 2 + ((lane >> 3) & 1);
+        ldsm_x4(ks + swz(r, c), b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(s[mt][2 * np], qa[mt], b0, b1);
+          mma16816(s[mt][2 * np + 1], qa[mt], b2, b3);
+        }
+      }
+    }
+
+    // ---- mask, online softmax (log2 domain)
+    const bool need_mask =
+        warp_has_pad || tile_start + BN > kv_end || tile_start + BN - 1 > warp_min_lim;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        // Max over raw scores (scale > 0), then p = exp2(s * scale_log2 - m): one FFMA each.
+        float mx = NEG_INF;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            if (need_mask) {
+              const int j = tile_start + n * 8 + tig * 2 + e;
+              if (j > lim[mt][h] || j >= kv_end) s[mt][n][h * 2 + e] = NEG_INF;
+            }
+            mx = fmaxf(mx, s[mt][n][h * 2 + e]);
+          }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float m_new = fmaxf(m[mt][h], mx * scale_log2);
+        const float m_use = m_new == NEG_INF ? 0.f : m_new;  // fully masked so far: no NaN
+        const float alpha = exp2f(m[mt][h] - m_use);
+        m[mt][h] = m_new;
+        float sum = 0.f;
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float p = exp2f(fmaf(s[mt][n][h * 2 + e], scale_log2, -m_use));
+            s[mt][n][h * 2 + e] = p;
+            sum += p;
+          }
+        }
+        l[mt][h] = l[mt][h] * alpha + sum;
+#pragma unroll
+        for (int i = 0; i < D / 8; ++i) {
+          o[mt][i][h * 2] *= alpha;
+          o[mt][i][h * 2 + 1] *= alpha;
+        }
+      }
+    }
+
+    // ---- O += P V
+#pragma unroll
+    for (int kt = 0; kt < BN / 16; ++kt) {
+      u32 pa[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        pa[mt][0] = pack2(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        pa[mt][1] = pack2(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        pa[mt][2] = pack2(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        pa[mt][3] = pack2(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        u32 b0, b1, b2, b3;
+        const int r = kt * 16 + (lane & 7) + (((lane >> 3) & 1) << 3);
+        const int c = dp * 2 + (lane >> 4);
+        ldsm_x4_t(vs + swz(r, c), b0, b1, b2, b3);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          mma16816(o[mt][2 * dp], pa[mt], b0, b1);
+          mma16816(o[mt][2 * dp + 1], pa[mt], b2, b3);
+        }
+      }
+    }
+    group_sync(wn);  // the stage is refilled by the next iteration's load
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // K/V buffers are reused below as the fp32 staging area
+
+  // ---- stage every group's unnormalised O, m, l; then merge groups and write out.
+  float* so = reinterpret_cast<float*>(smem);
+  float* sm = so + WARPS_N * BM * OSTRIDE;
+  float* sl = sm + WARPS_N * BM;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float lsum = l[mt][h];
+      lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
+      lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
+      const int r = wm * 16 * MT + mt * 16 + gid + h * 8;
+      float* orow = so + (wn * BM + r) * OSTRIDE;
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) {
+        orow[i * 8 + tig * 2] = o[mt][i][h * 2];
+        orow[i * 8 + tig * 2 + 1] = o[mt][i][h * 2 + 1];
+      }
+      if (tig == 0) {
+        sm[wn * BM + r] = m[mt][h];
+        sl[wn * BM + r] = lsum;
+      }
+    }
+  }
+  __syncthreads();
+
+  for (int idx = threadIdx.x; idx < BM * (D / 4); idx += NTHREADS) {
+    const int r = idx / (D / 4);
+    const int d = (idx % (D / 4)) * 4;
+    const int row = row0 + r;
+    if (row >= nrows) continue;
+    float mmax = NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) mmax = fmaxf(mmax, sm[w * BM + r]);
+    const float mref = mmax == NEG_INF ? 0.f : mmax;
+    float L = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) {
+      const float wt = exp2f(sm[w * BM + r] - mref);
+      L += sl[w * BM + r] * wt;
+      const float4 ov = *reinterpret_cast<const float4*>(so + (w * BM + r) * OSTRIDE + d);
+      acc[0] += ov.x * wt;
+      acc[1] += ov.y * wt;
+      acc[2] += ov.z * wt;
+      acc[3] += ov.w * wt;
+    }
+    const float inv = L > 0.f ? 1.f / L : 0.f;
+    const int t = q_start + row / G;
+    const int head = kvh * G + row % G;
+    if (num_splits == 1) {
+      elem_t* dst =
+          out + static_cast<i64>(t) * out_stride_t + static_cast<i64>(head) * out_stride_h + d;
+      u32 packed[2] = {pack2(acc[0] * inv, acc[1] * inv), pack2(acc[2] * inv, acc[3] * inv)};
+      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+    } else {
+      const i64 prow = (static_cast<i64>(split) * part_tokens + (t - token_base)) * num_hq + head;
+      *reinterpret_cast<float4*>(part_o + prow * D + d) =
+          make_float4(acc[0] * inv, acc[1] * inv, acc[2] * inv, acc[3] * inv);
+      if (d == 0) part_lse[prow] = L > 0.f ? mmax + log2f(L) : NEG_INF;
+    }
+  }
+}
+
+// Combines split-KV partial outputs by their log2-sum-exp. Grid (tokens, Hq); block
+// (D/4, MERGE_LANES): the lanes walk different splits so the loads overlap, then reduce.
+constexpr int MERGE_LANES = 4;
+constexpr int MAX_SPLITS = 256;
+
+extern "C" __global__ void merge_splits(const float* __restrict__ part_o,
+                                        const float* __restrict__ part_lse,
+                                        elem_t* __restrict__ out, i64 out_stride_t,
+                                        i64 out_stride_h, int token_base, int part_tokens,
+                                        int num_splits) {
+  __shared__ float lse_s[MAX_SPLITS];
+  __shared__ float red[MERGE_LANES][D + 4];
+  __shared__ float red_l[MERGE_LANES];
+  const int t = blockIdx.x;  // relative to token_base
+  const int head = blockIdx.y;
+  const int num_hq = gridDim.y;
+  const int d = threadIdx.x * 4;
+  const int lane_s = threadIdx.y;
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  for (int s = tid; s < num_splits; s += blockDim.x * MERGE_LANES)
+    lse_s[s] = part_lse[(static_cast<i64>(s) * part_tokens + t) * num_hq + head];
+  __syncthreads();
+  float mmax = NEG_INF;
+  for (int s = 0; s < num_splits; ++s) mmax = fmaxf(mmax, lse_s[s]);
+  const float mref = mmax == NEG_INF ? 0.f : mmax;
+  float L = 0.f, acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 4
+  for (int s = lane_s; s < num_splits; s += MERGE_LANES) {
+    const float wt = exp2f(lse_s[s] - mref);  // empty split: lse -inf -> weight 0
+    const i64 prow = (static_cast<i64>(s) * part_tokens + t) * num_hq + head;
+    const float4 ov = *reinterpret_cast<const float4*>(part_o + prow * D + d);
+    L += wt;
+    acc[0] += ov.x * wt;
+    acc[1] += ov.y * wt;
+    acc[2] += ov.z * wt;
+    acc[3] += ov.w * wt;
+  }
+  *reinterpret_cast<float4*>(&red[lane_s][d]) = make_float4(acc[0], acc[1], acc[2], acc[3]);
+  if (threadIdx.x == 0) red_l[lane_s] = L;
+  __syncthreads();
+  if (lane_s != 0) return;
+  L = 0.f;
+  for (int w = 0; w < MERGE_LANES; ++w) {
+    L += red_l[w];
+    if (w == 0) continue;
+    for (int e = 0; e < 4; ++e) acc[e] += red[w][d + e];
+  }
+  const float inv = L > 0.f ? 1.f / L : 0.f;
+  elem_t* dst = out + static_cast<i64>(token_base + t) * out_stride_t +
+                static_cast<i64>(head) * out_stride_h + d;
+  u32 packed[2] = {pack2(acc[0] * inv, acc[1] * inv), pack2(acc[2] * inv, acc[3] * inv)};
+  *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+}
