@@ -45,7 +45,7 @@ def _has_report(log: str) -> bool:
 @needs_nvrtc
 def test_every_source_is_covered() -> None:
     sources = sorted(p.name for p in compiler.SOURCE_DIR.glob("*.cu"))
-    assert sources == ["cache_write.cu", "paged_attention.cu"]
+    assert sources == ["cache_write.cu", "paged_attention.cu", "paged_prefill_sm90.cu"]
 
 
 @needs_nvrtc
@@ -81,6 +81,23 @@ def test_attention_compiles_for_group_sizes(tmp_path, monkeypatch, gqa) -> None:
         "paged_attention.cu", "sm_90a", _defines(PREFILL_CONFIG, 1, 128, gqa)
     )
     assert k.cubin[:4] == b"\x7fELF"
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("stages,pipeline", [(2, 0), (3, 0), (3, 1)], ids=["st2", "st3", "pipe"])
+@pytest.mark.parametrize("bf16", [1, 0], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("gqa", [1, 4, 8])
+def test_sm90_prefill_compiles_without_spills(
+    tmp_path, monkeypatch, gqa, bf16, stages, pipeline
+) -> None:
+    monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
+    defines = {"GQA": gqa, "KV_BF16": bf16, "PIPELINE": pipeline, "STAGES": stages}
+    k = compiler.compile_source("paged_prefill_sm90.cu", "sm_90a", defines)
+    assert k.cubin[:4] == b"\x7fELF"
+    # wgmma is sm_90a-only: ptxas would also say here if it had to serialise the wgmmas.
+    assert "serialized" not in k.log, k.log
+    if _has_report(k.log):
+        assert "0 bytes spill stores" in k.log and "0 bytes stack frame" in k.log, k.log
 
 
 @needs_nvrtc

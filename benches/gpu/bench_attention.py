@@ -188,14 +188,44 @@ def bench_sdpa_decode(b: int, ctx: int, backend, hq: int = 32, hkv: int = 8, d: 
 
 
 def bench_prefill(
-    b: int, new: int, ctx: int, layout: str, cfg: ops.AttnConfig, hq: int, hkv: int, d: int = 128
+    b: int,
+    new: int,
+    ctx: int,
+    layout: str,
+    cfg: ops.AttnConfig | tuple[int, bool],
+    hq: int,
+    hkv: int,
+    d: int = 128,
 ) -> float:
+    """ms of one prefill launch; cfg an AttnConfig (mma.sync) or the wgmma kernel's
+    (stages, pipelined)."""
     gen = torch.Generator(device="cuda").manual_seed(b * 13 + new)
     kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen)
     q = torch.randn(b * new, hq, d, device="cuda", dtype=DT, generator=gen)
     out = torch.empty_like(q)
     qsl = torch.arange(0, b * new + 1, new, device="cuda", dtype=torch.int32)
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    if isinstance(cfg, tuple):  # the Hopper wgmma kernel
+        return graph_time_ms(
+            [
+                lambda: ops.paged_prefill_sm90(
+                    q,
+                    kc,
+                    vc,
+                    layout,
+                    table,
+                    qsl,
+                    lens,
+                    out,
+                    d**-0.5,
+                    seq_begin=0,
+                    seq_end=b,
+                    max_query_len=new,
+                    stages=cfg[0],
+                    pipelined=cfg[1],
+                )
+            ]
+        )
     return graph_time_ms(
         [
             lambda: ops.paged_attention(
@@ -271,6 +301,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     ap.add_argument("--variants", action="store_true", help="also time alternative tilings")
     ap.add_argument("--variants-only", action="store_true", help="only the alternative tilings")
+    ap.add_argument("--prefill-only", action="store_true", help="no decode shapes")
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -305,8 +336,9 @@ def main() -> None:
 
     batches = [1, 64] if args.quick else [1, 16, 64, 256]
     ctxs = [4096] if args.quick else [512, 4096, 16384]
-    if args.variants_only:
+    if args.variants_only or args.prefill_only:
         batches, ctxs = [], []
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
     for b in batches:
         for ctx in ctxs:
             shape = f"b{b} ctx{ctx} 32q/8kv d128"
@@ -334,6 +366,10 @@ def main() -> None:
             for layout in ("HND", "NHD") if hkv == 8 else ("HND",):
                 ms = bench_prefill(b, new, ctx, layout, ops.PREFILL_CONFIG, 32, hkv)
                 add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout}", ms, flops)
+                if sm90:
+                    st = (ops.SM90_PREFILL_STAGES, ops.SM90_PREFILL_PIPELINED)
+                    ms = bench_prefill(b, new, ctx, layout, st, 32, hkv)
+                    add("prefill", shape, f"kvserve wgmma {32}q/{hkv}kv {layout}", ms, flops)
         for name, be in (
             ("sdpa flash", SDPBackend.FLASH_ATTENTION),
             ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -375,6 +411,26 @@ def main() -> None:
                 )
             else:
                 print(f"variant {cfg} failed: {err}")
+
+    if sm90 and (args.variants or args.variants_only or args.prefill_only):
+        # The wgmma kernel's loop variants; the default in kvserve.kernels.ops comes from these.
+        for stages, pipe in ((2, False), (3, False), (3, True)):
+            for hkv in (8, 32):
+                flops = 4 * 32 * 128 * 8 * causal_pairs(4096, 4096)
+                ms, err = safe(bench_prefill, 8, 4096, 4096, "HND", (stages, pipe), 32, hkv)
+                name = f"variant wgmma st{stages}{' pipelined' if pipe else ''}"
+                if ms is not None:
+                    add(
+                        "prefill",
+                        f"b8 new4096 ctx4096 32q/{hkv}kv d128",
+                        name,
+                        ms,
+                        flops,
+                        stages=stages,
+                        pipelined=pipe,
+                    )
+                else:
+                    print(f"{name} failed: {err}")
 
     meta = {
         "device": dev,

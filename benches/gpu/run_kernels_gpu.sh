@@ -10,7 +10,7 @@ export KVSERVE_KERNEL_CACHE=/tmp/kvserve-kcache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw --format=csv > "$OUT/gpu.txt" 2>&1
 python3 -c "import torch, cuda.bindings; print(torch.__version__, torch.version.cuda, cuda.bindings.__version__)" >> "$OUT/gpu.txt" 2>&1
 
-TESTS="tests/gpu/test_attention_kernels.py tests/gpu/test_cuda_backend.py tests/test_kernels_compile.py"
+TESTS="tests/gpu/test_attention_kernels.py tests/gpu/test_cuda_backend.py tests/gpu/test_prefill_sm90.py tests/test_kernels_compile.py"
 timeout 200 python3 -m pytest -q -p no:cacheprovider --timeout 150 --maxfail 15 $TESTS > "$OUT/tests.log" 2>&1
 echo "pytest rc=$?" >> "$OUT/tests.log"
 if [ "${1:-}" = engine ]; then

@@ -2,8 +2,9 @@
 
 A step's batch is decodes first, then prefills: the decode part runs the decode tiling
 (GQA heads of one token per warp, split-KV when the batch is small), the prefill part the
-prefill tiling; both are the same kernel source. No host synchronisation: host-side sizes
-come from meta's *_cpu tensors and ints.
+prefill tiling; both are the same kernel source. On sm_90 with head_dim 128 the prefill part
+can go to the wgmma kernel instead (paged_prefill_sm90.cu, when ops.SM90_PREFILL_ENABLED).
+No host synchronisation: host-side sizes come from meta's *_cpu tensors and ints.
 """
 
 from __future__ import annotations
@@ -75,7 +76,17 @@ class CudaAttentionBackend:
                 first_token=0,
                 **common,
             )
-        if ns > nd:
+        use_sm90 = (
+            ops.SM90_PREFILL_ENABLED
+            and meta.max_query_len > 1  # 1-token chunks keep the split-KV path
+            and ops.sm90_prefill_supported(q, out)
+        )
+        if ns > nd and use_sm90:
+            # Hopper wgmma kernel: only where measured correct and faster (kernels/ops.py).
+            ops.paged_prefill_sm90(
+                q, seq_begin=nd, seq_end=ns, max_query_len=meta.max_query_len, **common
+            )
+        elif ns > nd:
             ops.paged_attention(
                 q,
                 seq_begin=nd,

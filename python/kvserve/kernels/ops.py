@@ -195,7 +195,7 @@ def choose_num_splits(
     return max(1, min(math.ceil(target / ctas), math.ceil(max_seq_len / min_tokens), 128))
 
 
-def paged_attention(
+def _validate_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -204,24 +204,9 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     out: torch.Tensor,
-    scale: float,
-    *,
-    seq_begin: int,
     seq_end: int,
-    max_query_len: int,
-    max_seq_len: int,
-    config: AttnConfig,
-    num_splits: int | None = None,
-    first_token: int = 0,
-) -> None:
-    """out[tokens of sequences seq_begin..seq_end) = causal paged attention of q over the cache.
-
-    Host-side bounds (max_query_len, max_seq_len) must cover those sequences; first_token is
-    the absolute index of seq_begin's first token (used to index split-KV partial outputs).
-    """
-    nseq = seq_end - seq_begin
-    if nseq <= 0 or max_query_len <= 0:
-        return
+) -> tuple[int, int, int, tuple[int, int, int, int]]:
+    """Checks shared by the attention launches; returns (Hq, D, Hkv, cache strides)."""
     _require(
         q.dim() == 3 and q.stride(2) == 1,
         f"q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}",
@@ -264,6 +249,39 @@ def paged_attention(
         and seq_lens.shape[0] >= seq_end
         and query_start_loc.shape[0] >= seq_end + 1,
         "seq_end exceeds the metadata rows",
+    )
+    return Hq, D, Hkv, (sb, st, sh, block_size)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: str,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    *,
+    seq_begin: int,
+    seq_end: int,
+    max_query_len: int,
+    max_seq_len: int,
+    config: AttnConfig,
+    num_splits: int | None = None,
+    first_token: int = 0,
+) -> None:
+    """out[tokens of sequences seq_begin..seq_end) = causal paged attention of q over the cache.
+
+    Host-side bounds (max_query_len, max_seq_len) must cover those sequences; first_token is
+    the absolute index of seq_begin's first token (used to index split-KV partial outputs).
+    """
+    nseq = seq_end - seq_begin
+    if nseq <= 0 or max_query_len <= 0:
+        return
+    Hq, D, Hkv, (sb, st, sh, block_size) = _validate_attention(
+        q, k_cache, v_cache, layout, block_table, query_start_loc, seq_lens, out, seq_end
     )
     _require(q.stride(0) % 2 == 0 and q.stride(1) % 2 == 0, "q strides must be even (4-byte rows)")
     if config.mt > 1:  # Q rows are copied with 16-byte cp.async
@@ -354,3 +372,117 @@ def paged_attention(
                 (num_splits, I32),
             ],
         )
+
+
+# ---------------------------------------------------------------- Hopper prefill (wgmma)
+
+# paged_prefill_sm90.cu: fixed 128-row x 128-token tiles, two consumer warpgroups.
+SM90_PREFILL_HEAD_DIM = 128
+SM90_PREFILL_BM = 128
+# cp.async ring depth (2 or 3) and the software-pipelined loop (softmax of one tile under the
+# P V product of the previous; needs 3 stages), chosen by bench_attention.py's variants on
+# H100 (2026-11-26): 2 stages, plain loop 406 TFLOP/s; 3 stages 390; pipelined 392.
+SM90_PREFILL_STAGES = 2
+SM90_PREFILL_PIPELINED = False
+# The attention backend sends prefills to the wgmma kernel only where it was measured
+# correct and faster than the mma.sync tiling (benches/RESULTS.md); off means never.
+SM90_PREFILL_ENABLED = True
+
+
+def _sm90_smem_bytes(stages: int) -> int:
+    tile = 128 * SM90_PREFILL_HEAD_DIM * 2
+    return tile + stages * 2 * tile + 1024  # Q, K+V ring, 1024-byte alignment slack
+
+
+def sm90_prefill_supported(q: torch.Tensor, out: torch.Tensor) -> bool:
+    """True where paged_prefill_sm90 can run: sm_90, head_dim 128, bf16/fp16, 16-byte rows."""
+    if not (q.is_cuda and q.dim() == 3 and q.dtype in _DTYPES):
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    return (
+        q.shape[2] == SM90_PREFILL_HEAD_DIM
+        and q.stride(2) == 1
+        and out.stride(2) == 1
+        and all(s % 8 == 0 for s in (q.stride(0), q.stride(1), out.stride(0), out.stride(1)))
+        and q.data_ptr() % 16 == 0
+        and out.data_ptr() % 16 == 0
+    )
+
+
+def paged_prefill_sm90(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: str,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    *,
+    seq_begin: int,
+    seq_end: int,
+    max_query_len: int,
+    stages: int = SM90_PREFILL_STAGES,
+    pipelined: bool = SM90_PREFILL_PIPELINED,
+) -> None:
+    """Same result as paged_attention() for a prefill part, by the Hopper wgmma kernel.
+
+    Needs an sm_90 device and head_dim 128 (sm90_prefill_supported); max_query_len must
+    cover the new tokens of sequences seq_begin..seq_end.
+    """
+    nseq = seq_end - seq_begin
+    if nseq <= 0 or max_query_len <= 0:
+        return
+    Hq, D, Hkv, (sb, st, sh, block_size) = _validate_attention(
+        q, k_cache, v_cache, layout, block_table, query_start_loc, seq_lens, out, seq_end
+    )
+    _require(
+        sm90_prefill_supported(q, out),
+        "paged_prefill_sm90 needs an sm_90 device, head_dim 128 and q/out rows aligned to 16 "
+        f"bytes; got head_dim {D}, q strides {q.stride()}, out strides {out.stride()}",
+    )
+    _require(
+        (sb % 8, st % 8, sh % 8) == (0, 0, 0), "kv cache strides must be multiples of 8 elements"
+    )
+    _require(max(abs(sb), abs(st), abs(sh)) < 2**31, "kv cache strides must fit 32 bits (elements)")
+    _require(stages in (2, 3), f"stages must be 2 or 3, got {stages}")
+    _require(not pipelined or stages == 3, "the pipelined wgmma loop needs stages=3")
+    dev = _device_index(q)
+    group = Hq // Hkv
+    defines = (
+        ("GQA", group),
+        ("KV_BF16", _DTYPES[q.dtype]),
+        ("PIPELINE", int(pipelined)),
+        ("STAGES", stages),
+    )
+    kern = load_kernel(
+        "paged_prefill_sm90.cu", "paged_prefill_sm90", defines, _sm90_smem_bytes(stages), dev
+    )
+    n_qtiles = math.ceil(max_query_len * group / SM90_PREFILL_BM)
+    bt_row = block_table.stride(0)
+    kern.launch(
+        (n_qtiles, Hkv, nseq),
+        (256, 1, 1),
+        [
+            (q.data_ptr(), PTR),
+            (q.stride(0), I64),
+            (q.stride(1), I64),
+            (k_cache.data_ptr(), PTR),
+            (v_cache.data_ptr(), PTR),
+            (sb, I64),
+            (st, I64),
+            (sh, I64),
+            (block_table.data_ptr() + seq_begin * bt_row * 4, PTR),
+            (bt_row, I32),
+            (query_start_loc.data_ptr() + seq_begin * 4, PTR),
+            (seq_lens.data_ptr() + seq_begin * 4, PTR),
+            (out.data_ptr(), PTR),
+            (out.stride(0), I64),
+            (out.stride(1), I64),
+            (block_size, I32),
+            (block_size.bit_length() - 1, I32),
+            (scale * _LOG2E, F32),
+        ],
+    )
