@@ -10,6 +10,7 @@ from kvserve._core import (
     Core,
     InvalidRequestError,
     Plan,
+    RequestTooLargeError,
     StalePlanError,
     StepOutput,
 )
@@ -27,6 +28,7 @@ def snapshot(core: Core) -> dict:
 
 def test_error_classes_follow_the_contract() -> None:
     assert issubclass(InvalidRequestError, ValueError)
+    assert issubclass(RequestTooLargeError, InvalidRequestError)
     assert issubclass(ConfigError, ValueError)
     assert issubclass(AtCapacityError, RuntimeError)
     assert issubclass(StalePlanError, RuntimeError)
@@ -126,6 +128,51 @@ def test_bad_requests_raise_naming_the_field_and_change_nothing(kwargs: dict, fi
         core.request_stats("new")
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_request_too_large_is_its_own_invalid_request_error(seed: int) -> None:
+    """Exactly the requests that need more blocks than the pool has get RequestTooLargeError
+    (naming the field to shrink, keeping "could never run"); the rest are accepted."""
+    rng = np.random.default_rng(seed)
+    num_blocks, bs = int(rng.integers(2, 12)), int(2 ** rng.integers(0, 4))
+    core = Core(num_gpu_blocks=num_blocks, block_size=bs, max_model_len=10_000, max_waiting=10_000)
+    accepted = 0
+    for i in range(40):
+        n = int(rng.integers(1, num_blocks * bs + 3))
+        max_tokens = int(rng.integers(1, num_blocks * bs + 3))
+        prompt = rng.integers(0, 1000, size=n)
+        before = snapshot(core)
+        # The last sampled token needs no KV slot.
+        need = -(-(n + max_tokens - 1) // bs)
+        if need <= num_blocks:
+            core.add_request(f"r{i}", prompt, max_tokens=max_tokens)
+            accepted += 1
+            continue
+        field = "prompt_token_ids" if -(-n // bs) > num_blocks else "max_tokens"
+        with pytest.raises(RequestTooLargeError, match=f"{field}.*could never run") as info:
+            core.add_request(f"r{i}", prompt, max_tokens=max_tokens)
+        # Callers catching the base classes keep working.
+        assert isinstance(info.value, InvalidRequestError) and isinstance(info.value, ValueError)
+        assert snapshot(core) == before
+        with pytest.raises(KeyError):
+            core.request_stats(f"r{i}")
+    assert core.metrics()["requests_added"] == accepted
+    core.check_invariants()
+
+
+def test_other_bad_requests_are_not_request_too_large() -> None:
+    core = Core(num_gpu_blocks=8, block_size=4, max_model_len=64)
+    for kwargs in (
+        {"prompt_token_ids": []},
+        {"prompt_token_ids": list(range(64))},
+        {"max_tokens": 0},
+        {"min_tokens": 3, "max_tokens": 2},
+    ):
+        args = {"request_id": "x", "prompt_token_ids": [1], "max_tokens": 1, **kwargs}
+        with pytest.raises(InvalidRequestError) as info:
+            core.add_request(**args)
+        assert not isinstance(info.value, RequestTooLargeError), kwargs
+
+
 def test_at_capacity_raises_and_queues_nothing() -> None:
     core = Core(num_gpu_blocks=8, block_size=4, max_waiting=2)
     core.add_request("a", [1], max_tokens=1)
@@ -183,6 +230,36 @@ def test_commit_errors_change_nothing() -> None:
     core.commit(plan.id, rng.integers(0, 50, size=3))
     with pytest.raises(StalePlanError):
         core.commit(plan.id, rng.integers(0, 50, size=3))
+
+
+@pytest.mark.parametrize("kind", ["int64", "strided", "int32", "list"])
+def test_commit_accepts_any_int_sequence_alike(kind: str) -> None:
+    """The in-place int64 fast path and the converting path append the same tokens."""
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 50, size=int(rng.integers(1, 9))) for _ in range(5)]
+    sampled = [rng.integers(0, 50, size=5) for _ in range(4)]
+
+    def run(convert) -> list[list[int]]:
+        core = Core(num_gpu_blocks=32, block_size=4)
+        for i, p in enumerate(prompts):
+            core.add_request(f"r{i}", p, max_tokens=4, ignore_eos=True)
+        got: list[list[int]] = []
+        for toks in sampled:
+            plan = core.schedule()
+            out = core.commit(plan.id, convert(toks[: plan.num_samples]))
+            got.append(out.token_ids.tolist())
+            core.check_invariants()
+        return got
+
+    convert = {
+        "int64": lambda t: np.ascontiguousarray(t, dtype=np.int64),
+        "strided": lambda t: np.repeat(t.astype(np.int64), 2)[::2],
+        "int32": lambda t: t.astype(np.int32),
+        "list": lambda t: [int(x) for x in t],
+    }[kind]
+    want = [toks[: len(got)].tolist() for toks, got in zip(sampled, run(convert))]
+    assert run(convert) == want
+    assert run(convert) == run(lambda t: [int(x) for x in t])
 
 
 def test_abort_finish_and_stats() -> None:

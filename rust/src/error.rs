@@ -13,6 +13,13 @@ pub enum CoreError {
     #[error("invalid request: {field}: {msg}")]
     InvalidRequest { field: &'static str, msg: String },
 
+    /// A request that could not run even alone in an empty cache (its prompt plus
+    /// `max_tokens` needs more GPU blocks than the pool has); `field` names the field to
+    /// shrink. Rejected at admission so it can never be preempted forever. The text keeps
+    /// "could never run" (the gRPC server matches it).
+    #[error("invalid request: {field}: {msg}")]
+    RequestTooLarge { field: &'static str, msg: String },
+
     /// The waiting queue already holds `max_waiting` requests; nothing was queued.
     #[error("at capacity: {waiting} requests waiting (max_waiting={max_waiting}); retry later")]
     AtCapacity { waiting: usize, max_waiting: usize },
@@ -40,6 +47,17 @@ pub enum CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+impl CoreError {
+    /// Whether this is a bad-request error of either kind (`RequestTooLarge` is a
+    /// special case of `InvalidRequest`, as its Python class is a subclass).
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(
+            self,
+            CoreError::InvalidRequest { .. } | CoreError::RequestTooLarge { .. }
+        )
+    }
+}
 
 pub(crate) fn invalid(field: &'static str, msg: impl Into<String>) -> CoreError {
     CoreError::InvalidRequest {

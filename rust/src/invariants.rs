@@ -1,6 +1,7 @@
 //! Whole-core consistency checks, used by tests after every operation.
 
 use crate::error::{CoreError, CoreResult};
+use crate::recent_tokens::RECENT_CAP;
 use crate::request::Status;
 use crate::scheduler::Scheduler;
 
@@ -17,65 +18,88 @@ impl Scheduler {
         let (mut n_run, mut n_wait, mut n_swap) = (0, 0, 0);
         for (slot, r) in self.slots.iter().enumerate() {
             let Some(r) = r else { continue };
-            if self.by_id.get(&r.id) != Some(&slot) {
-                return broken(format!("request {:?} is not indexed by its id", r.id));
+            if self.by_id.get(&r.cold.id) != Some(&slot) {
+                return broken(format!("request {:?} is not indexed by its id", r.cold.id));
             }
             let mut mine = r.blocks.clone();
             mine.sort_unstable();
             if mine.windows(2).any(|w| w[0] == w[1]) {
-                return broken(format!("request {:?} holds a block twice", r.id));
+                return broken(format!("request {:?} holds a block twice", r.cold.id));
             }
             for &b in &r.blocks {
                 match gpu_owners.get_mut(b as usize) {
                     Some(o) => *o += 1,
-                    None => return broken(format!("request {:?} holds bad block {b}", r.id)),
+                    None => return broken(format!("request {:?} holds bad block {b}", r.cold.id)),
                 }
             }
-            for &b in &r.host_blocks {
+            for &b in &r.cold.host_blocks {
                 match host_owners.get_mut(b as usize) {
                     Some(o) => *o += 1,
-                    None => return broken(format!("request {:?} holds bad host block {b}", r.id)),
+                    None => {
+                        return broken(format!("request {:?} holds bad host block {b}", r.cold.id))
+                    }
                 }
             }
-            if r.num_computed > r.tokens.len() || r.tokens.len() >= cfg.max_model_len {
-                return broken(format!("request {:?} has inconsistent lengths", r.id));
+            // Recent tokens: fewer than a full row, none once preempted, and the newest
+            // token (wherever it sits) is the cached `last_token` fed to the next decode.
+            if r.num_recent >= RECENT_CAP || (r.status != Status::Running && r.num_recent != 0) {
+                return broken(format!(
+                    "request {:?} has {} unmoved tokens",
+                    r.cold.id, r.num_recent
+                ));
             }
-            let key = (r.priority, r.arrival, slot);
+            let newest = match self.recent.pending(r, slot).last() {
+                Some(&t) => Some(t),
+                None => r.tokens.last().copied(),
+            };
+            if newest != Some(r.last_token) {
+                return broken(format!("request {:?}: last_token is stale", r.cold.id));
+            }
+            if r.num_computed > r.num_tokens() || r.num_tokens() >= cfg.max_model_len {
+                return broken(format!("request {:?} has inconsistent lengths", r.cold.id));
+            }
+            let key = (r.cold.priority, r.cold.arrival, slot);
             match r.status {
                 Status::Running => {
                     n_run += 1;
                     if !self.running.contains(&slot) {
-                        return broken(format!("running request {:?} not in running list", r.id));
+                        return broken(format!(
+                            "running request {:?} not in running list",
+                            r.cold.id
+                        ));
                     }
                     let lo = cfg.blocks_for(r.num_computed);
-                    let hi = cfg.blocks_for(r.tokens.len());
-                    if r.blocks.len() < lo || r.blocks.len() > hi || !r.host_blocks.is_empty() {
+                    let hi = cfg.blocks_for(r.num_tokens());
+                    if r.blocks.len() < lo || r.blocks.len() > hi || !r.cold.host_blocks.is_empty()
+                    {
                         return broken(format!(
                             "running request {:?} holds {} blocks for {} computed of {} tokens",
-                            r.id,
+                            r.cold.id,
                             r.blocks.len(),
                             r.num_computed,
-                            r.tokens.len()
+                            r.num_tokens()
                         ));
                     }
                 }
                 Status::Waiting => {
                     n_wait += 1;
                     if !self.waiting.contains(&key) {
-                        return broken(format!("waiting request {:?} not queued", r.id));
+                        return broken(format!("waiting request {:?} not queued", r.cold.id));
                     }
-                    if !r.blocks.is_empty() || !r.host_blocks.is_empty() || r.num_computed != 0 {
-                        return broken(format!("waiting request {:?} holds blocks", r.id));
+                    if !r.blocks.is_empty() || !r.cold.host_blocks.is_empty() || r.num_computed != 0
+                    {
+                        return broken(format!("waiting request {:?} holds blocks", r.cold.id));
                     }
                 }
                 Status::Swapped => {
                     n_swap += 1;
                     if !self.swapped.contains(&key) {
-                        return broken(format!("swapped request {:?} not queued", r.id));
+                        return broken(format!("swapped request {:?} not queued", r.cold.id));
                     }
-                    if !r.blocks.is_empty() || r.host_blocks.len() != cfg.blocks_for(r.num_computed)
+                    if !r.blocks.is_empty()
+                        || r.cold.host_blocks.len() != cfg.blocks_for(r.num_computed)
                     {
-                        return broken(format!("swapped request {:?} has wrong blocks", r.id));
+                        return broken(format!("swapped request {:?} has wrong blocks", r.cold.id));
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python.rs` behind
 //! the "python" feature.
 
+mod batch_table;
 pub mod block_pool;
 pub mod config;
 pub mod error;
@@ -9,6 +10,7 @@ mod invariants;
 pub mod metrics;
 pub mod plan;
 pub mod prefix_cache;
+mod recent_tokens;
 pub mod request;
 pub mod scheduler;
 

@@ -23,6 +23,12 @@ create_exception!(
 );
 create_exception!(
     kvserve._core,
+    RequestTooLargeError,
+    InvalidRequestError,
+    "A request that could never run even alone in an empty cache (the message names the field)."
+);
+create_exception!(
+    kvserve._core,
     ConfigError,
     PyValueError,
     "A bad Core(...) argument (the message names it)."
@@ -45,6 +51,7 @@ fn to_py(e: CoreError) -> PyErr {
     match e {
         CoreError::Config { .. } => ConfigError::new_err(msg),
         CoreError::InvalidRequest { .. } => InvalidRequestError::new_err(msg),
+        CoreError::RequestTooLarge { .. } => RequestTooLargeError::new_err(msg),
         CoreError::AtCapacity { .. } => AtCapacityError::new_err(msg),
         CoreError::StalePlan { .. } => StalePlanError::new_err(msg),
         CoreError::UnknownRequest(_) => PyKeyError::new_err(msg),
@@ -315,6 +322,15 @@ impl PyCore {
         plan_id: u64,
         sampled_token_ids: &Bound<'_, PyAny>,
     ) -> PyResult<PyStepOutput> {
+        // A contiguous int64 array is read in place (the runner's usual input); anything
+        // else is converted first.
+        if let Ok(arr) = sampled_token_ids.cast::<PyArray1<i64>>() {
+            let ro = arr.readonly();
+            if let Ok(tokens) = ro.as_slice() {
+                let out = self.inner.commit(plan_id, tokens).map_err(to_py)?;
+                return Ok(PyStepOutput::from_output(py, out));
+            }
+        }
         let tokens = extract_tokens(sampled_token_ids, "sampled_token_ids")?;
         let out = self.inner.commit(plan_id, &tokens).map_err(to_py)?;
         Ok(PyStepOutput::from_output(py, out))
@@ -441,6 +457,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyPlan>()?;
     m.add_class::<PyStepOutput>()?;
     m.add("InvalidRequestError", py.get_type::<InvalidRequestError>())?;
+    m.add(
+        "RequestTooLargeError",
+        py.get_type::<RequestTooLargeError>(),
+    )?;
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("AtCapacityError", py.get_type::<AtCapacityError>())?;
     m.add("StalePlanError", py.get_type::<StalePlanError>())?;

@@ -6,12 +6,14 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
+use crate::batch_table::{BatchTable, RowKey};
 use crate::block_pool::BlockPool;
 use crate::config::{Config, PreemptionMode};
 use crate::error::{invalid, CoreError, CoreResult};
 use crate::metrics::Counters;
 use crate::plan::{Plan, StepOutput};
 use crate::prefix_cache::{extend_hashes, root_hash, PrefixCache};
+use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, RequestParams, Status};
 
 /// Queue key: (priority, arrival, slot); lower sorts first.
@@ -20,13 +22,23 @@ type QueueKey = (i64, u64, usize);
 /// How many finished requests `request_stats` still remembers.
 const FINISHED_MEMORY: usize = 4096;
 
-/// One sequence scheduled in the current step.
+/// One sequence scheduled in the current step, with the request fields the plan needs,
+/// copied while the request's record is in cache: building the plan then streams through
+/// these instead of visiting every record a second time. A scheduled request changes only
+/// by being preempted later in the same step, which marks its entry `removed`.
 #[derive(Debug, Clone, Copy)]
 struct Scheduled {
     slot: usize,
     num_new: usize,
     /// Blocks the sequence holds for this step (its block-table row length).
     num_blocks: usize,
+    handle: u64,
+    /// Tokens computed before this step (the first new token's position).
+    start: usize,
+    /// Prompt plus output tokens (the context length once this step is done, if sampled).
+    num_tokens: usize,
+    last_token: i64,
+    blocks_gen: u32,
     /// One new token that completes the context (sampled): a decode row.
     decode: bool,
     removed: bool,
@@ -34,12 +46,17 @@ struct Scheduled {
 
 impl Scheduled {
     fn new(slot: usize, r: &Request, num_new: usize) -> Self {
-        let decode = num_new == 1 && r.num_computed + 1 == r.tokens.len();
+        let num_tokens = r.num_tokens();
         Scheduled {
             slot,
             num_new,
             num_blocks: r.blocks.len(),
-            decode,
+            handle: r.handle,
+            start: r.num_computed,
+            num_tokens,
+            last_token: r.last_token,
+            blocks_gen: r.blocks_gen,
+            decode: num_new == 1 && r.num_computed + 1 == num_tokens,
             removed: false,
         }
     }
@@ -49,6 +66,19 @@ impl Scheduled {
 #[derive(Debug, Default)]
 struct Pending {
     plan_id: u64,
+    seqs: Vec<(usize, u64, usize)>,
+    samples: Vec<(usize, u64)>,
+}
+
+/// Per-step working Vecs, kept between steps so their capacity is reused (allocating and
+/// freeing a few hundred KiB per step made glibc return memory to the kernel and fault it
+/// back in).
+#[derive(Debug, Default)]
+struct Scratch {
+    order: Vec<usize>,
+    chunks: Vec<usize>,
+    sched: Vec<Scheduled>,
+    ordered: Vec<Scheduled>,
     seqs: Vec<(usize, u64, usize)>,
     samples: Vec<(usize, u64)>,
 }
@@ -85,10 +115,15 @@ pub struct Scheduler {
     finished: HashMap<String, RequestStats>,
     finished_order: VecDeque<String>,
     evicted_scratch: Vec<u128>,
+    /// The last plan's block table, updated in place by the next plan.
+    batch: BatchTable,
+    /// Each request's latest output tokens, by slot.
+    pub(crate) recent: RecentTokens,
+    scratch: Scratch,
 }
 
 fn key(r: &Request, slot: usize) -> QueueKey {
-    (r.priority, r.arrival, slot)
+    (r.cold.priority, r.cold.arrival, slot)
 }
 
 impl Scheduler {
@@ -116,6 +151,9 @@ impl Scheduler {
             finished: HashMap::new(),
             finished_order: VecDeque::new(),
             evicted_scratch: Vec::new(),
+            batch: BatchTable::default(),
+            recent: RecentTokens::default(),
+            scratch: Scratch::default(),
         })
     }
 
@@ -199,14 +237,14 @@ impl Scheduler {
             } else {
                 "max_tokens"
             };
-            return Err(invalid(
+            return Err(CoreError::RequestTooLarge {
                 field,
-                format!(
+                msg: format!(
                     "prompt ({n} tokens) plus max_tokens ({}) needs {need} blocks of {}; \
                      the GPU pool has only {}, so it could never run",
                     p.max_tokens, cfg.block_size, cfg.num_gpu_blocks
                 ),
-            ));
+            });
         }
         if self.waiting.len() >= cfg.max_waiting {
             return Err(CoreError::AtCapacity {
@@ -220,7 +258,7 @@ impl Scheduler {
         self.next_arrival += 1;
         let root = root_hash(p.cache_salt.as_deref());
         let id = p.request_id.clone();
-        let req = Request::new(p, handle, arrival, root);
+        let req = Request::new(p, handle, arrival, root, cfg.max_model_len);
         let slot = match self.free_slots.pop() {
             Some(s) => s,
             None => {
@@ -230,6 +268,7 @@ impl Scheduler {
         };
         self.waiting.insert(key(&req, slot));
         self.slots[slot] = Some(req);
+        self.recent.ensure_slots(self.slots.len());
         self.by_id.insert(id, slot);
         self.counters.requests_added += 1;
         Ok(handle)
@@ -250,9 +289,12 @@ impl Scheduler {
                 });
             }
         }
-        self.pending = None;
+        if let Some(p) = self.pending.take() {
+            self.recycle(p);
+        }
         let mut budget = self.cfg.max_num_batched_tokens;
-        let mut sched: Vec<Scheduled> = Vec::with_capacity(self.running.len() + 8);
+        let mut sched = std::mem::take(&mut self.scratch.sched);
+        sched.clear();
         let mut swap_out: Vec<i64> = Vec::new();
         let mut swap_in: Vec<i64> = Vec::new();
         let mut copies: Vec<i64> = Vec::new();
@@ -260,8 +302,10 @@ impl Scheduler {
 
         // Phase 1: running sequences, decodes (one token left) before prefill chunks.
         // The running list is copied: preemption edits it while we walk it.
-        let order: Vec<usize> = self.running.clone();
-        let mut chunks: Vec<usize> = Vec::new();
+        let mut order = std::mem::take(&mut self.scratch.order);
+        order.clone_from(&self.running);
+        let mut chunks = std::mem::take(&mut self.scratch.chunks);
+        chunks.clear();
         let mut in_chunk_pass = false;
         let mut i = 0;
         loop {
@@ -330,8 +374,16 @@ impl Scheduler {
             }
         }
 
+        self.scratch.order = order;
+        self.scratch.chunks = chunks;
         let plan = self.build_plan(sched, swap_out, swap_in, copies);
         Ok(plan)
+    }
+
+    /// Keeps a finished plan's Vecs for the next step.
+    fn recycle(&mut self, p: Pending) {
+        self.scratch.seqs = p.seqs;
+        self.scratch.samples = p.samples;
     }
 
     fn req(&self, slot: usize) -> &Request {
@@ -403,7 +455,9 @@ impl Scheduler {
         let mut r = self.slots[slot]
             .take()
             .expect("running slot holds a request");
-        r.num_preemptions += 1;
+        // Re-prefill (recompute) and later admission read the whole token list.
+        self.recent.flush(&mut r, slot);
+        r.cold.num_preemptions += 1;
         if swap {
             let n = self.cfg.blocks_for(r.num_computed);
             let mut host_blocks = Vec::with_capacity(n);
@@ -414,13 +468,14 @@ impl Scheduler {
                 swap_out.push(i64::from(*g));
                 swap_out.push(i64::from(*h));
             }
-            r.host_blocks = host_blocks;
+            r.cold.host_blocks = host_blocks;
             self.counters.preemptions_swap += 1;
             self.counters.swapped_out_blocks += n as u64;
             r.status = Status::Swapped;
             self.swapped.insert(key(&r, slot));
         } else {
-            r.computed_before_preemption = r.computed_before_preemption.max(r.num_computed);
+            r.cold.computed_before_preemption =
+                r.cold.computed_before_preemption.max(r.num_computed);
             r.num_computed = 0;
             self.counters.preemptions_recompute += 1;
             r.status = Status::Waiting;
@@ -431,6 +486,7 @@ impl Scheduler {
             self.gpu.decref(b);
         }
         r.blocks.clear();
+        r.blocks_gen = r.blocks_gen.wrapping_add(1);
         r.num_registered_blocks = 0;
         self.slots[slot] = Some(r);
     }
@@ -467,15 +523,15 @@ impl Scheduler {
             let r = self.slots[slot]
                 .as_mut()
                 .expect("swapped slot holds a request");
-            for (h, g) in r.host_blocks.iter().zip(&r.blocks) {
+            for (h, g) in r.cold.host_blocks.iter().zip(&r.blocks) {
                 swap_in.push(i64::from(*h));
                 swap_in.push(i64::from(*g));
             }
-            self.counters.swapped_in_blocks += r.host_blocks.len() as u64;
-            for &h in &r.host_blocks {
+            self.counters.swapped_in_blocks += r.cold.host_blocks.len() as u64;
+            for &h in &r.cold.host_blocks {
                 self.host.decref(h);
             }
-            r.host_blocks.clear();
+            r.cold.host_blocks.clear();
             r.status = Status::Running;
             self.running.push(slot);
             sched.push(Scheduled::new(slot, self.req(slot), num_new));
@@ -501,8 +557,8 @@ impl Scheduler {
                 let r = self.slots[slot]
                     .as_mut()
                     .expect("waiting slot holds a request");
-                extend_hashes(&mut r.block_hashes, r.root_hash, &r.tokens, bs);
-                for &h in &r.block_hashes {
+                extend_hashes(&mut r.cold.block_hashes, r.cold.root_hash, &r.tokens, bs);
+                for &h in &r.cold.block_hashes {
                     match self.prefix.get(h) {
                         Some(b) => hit.push(b),
                         None => break,
@@ -510,7 +566,7 @@ impl Scheduler {
                 }
             }
             let r = self.req(slot);
-            let len = r.tokens.len();
+            let len = r.num_tokens();
             // A whole-prompt hit still recomputes the last token, into a copy of the last
             // cached block (copy-on-write), so the model produces its logits.
             let cow_src = if hit.len() * bs == len {
@@ -540,11 +596,11 @@ impl Scheduler {
             }
 
             // Counters: what was asked of the cache, what it served, what is recomputed.
-            let prev = r.computed_before_preemption;
+            let prev = r.cold.computed_before_preemption;
             let mut recomputed = prev.saturating_sub(computed);
             if self.cfg.enable_prefix_caching {
                 let first = computed.max(prev).div_ceil(bs);
-                recomputed += r.block_hashes[first.min(r.block_hashes.len())..]
+                recomputed += r.cold.block_hashes[first.min(r.cold.block_hashes.len())..]
                     .iter()
                     .filter(|&&h| self.prefix.was_evicted(h))
                     .count()
@@ -565,13 +621,14 @@ impl Scheduler {
                 .take()
                 .expect("waiting slot holds a request");
             r.blocks.clear();
+            r.blocks_gen = r.blocks_gen.wrapping_add(1);
             r.blocks.extend_from_slice(&hit);
             r.num_registered_blocks = hit.len();
             r.num_computed = computed;
-            r.computed_before_preemption = 0;
-            if !r.admitted_once {
-                r.admitted_once = true;
-                r.cached_prompt_tokens = computed;
+            r.cold.computed_before_preemption = 0;
+            if !r.cold.admitted_once {
+                r.cold.admitted_once = true;
+                r.cold.cached_prompt_tokens = computed;
             }
             r.status = Status::Running;
             self.slots[slot] = Some(r);
@@ -600,10 +657,22 @@ impl Scheduler {
         let shift = self.cfg.block_shift();
         let mask = self.cfg.block_size - 1;
         // Decodes (one new token that is sampled) first, everything else after, stable.
-        let mut ordered: Vec<Scheduled> = Vec::with_capacity(sched.len());
-        ordered.extend(sched.iter().filter(|s| !s.removed && s.decode));
-        let num_decodes = ordered.len();
-        ordered.extend(sched.iter().filter(|s| !s.removed && !s.decode));
+        // A steady decode batch is in that order already and is used as it is.
+        let mut ordered = std::mem::take(&mut self.scratch.ordered);
+        ordered.clear();
+        let first_other = sched.iter().position(|s| !s.decode).unwrap_or(sched.len());
+        let as_is =
+            sched.iter().all(|s| !s.removed) && sched[first_other..].iter().all(|s| !s.decode);
+        if !as_is {
+            ordered.extend(sched.iter().filter(|s| !s.removed && s.decode));
+            ordered.extend(sched.iter().filter(|s| !s.removed && !s.decode));
+        }
+        let (ordered, spare) = if as_is {
+            (sched, ordered)
+        } else {
+            (ordered, sched)
+        };
+        let num_decodes = ordered.iter().take_while(|s| s.decode).count();
 
         let num_seqs = ordered.len();
         let num_tokens: usize = ordered.iter().map(|s| s.num_new).sum();
@@ -619,7 +688,7 @@ impl Scheduler {
             slot_mapping: Vec::with_capacity(num_tokens),
             query_start_loc: Vec::with_capacity(num_seqs + 1),
             seq_lens: Vec::with_capacity(num_seqs),
-            block_table: Vec::with_capacity(num_seqs * max_blocks),
+            block_table: Vec::new(),
             max_blocks,
             logits_indices: Vec::with_capacity(num_seqs),
             sample_handles: Vec::with_capacity(num_seqs),
@@ -630,39 +699,68 @@ impl Scheduler {
         self.next_plan_id += 1;
         let mut pending = Pending {
             plan_id: plan.id,
-            seqs: Vec::with_capacity(num_seqs),
-            samples: Vec::with_capacity(num_seqs),
+            seqs: std::mem::take(&mut self.scratch.seqs),
+            samples: std::mem::take(&mut self.scratch.samples),
         };
+        pending.seqs.clear();
+        pending.samples.clear();
         plan.query_start_loc.push(0);
-        for s in &ordered {
-            let r = self.req(s.slot);
-            let start = r.num_computed;
+        let slots = &self.slots;
+        let batch = &mut self.batch;
+        batch.begin(num_seqs, max_blocks, slots.len());
+        let recent = &self.recent;
+        for (i, s) in ordered.iter().enumerate() {
+            let rec = || {
+                slots[s.slot]
+                    .as_ref()
+                    .expect("scheduled slot holds a request")
+            };
+            let start = s.start;
             let end = start + s.num_new;
-            plan.handles.push(r.handle);
+            let key = RowKey {
+                handle: s.handle,
+                blocks_gen: s.blocks_gen,
+            };
+            // Reads the request's block list only for blocks the last table lacks.
+            batch.set_row(i, s.slot, key, s.num_blocks, || &rec().blocks);
+            plan.handles.push(s.handle);
             if s.decode {
                 // The cached last token spares a cache miss on the token Vec's tail.
-                plan.input_ids.push(r.last_token);
+                plan.input_ids.push(s.last_token);
             } else {
-                plan.input_ids.extend_from_slice(&r.tokens[start..end]);
+                let r = rec();
+                let flushed = r.tokens.len();
+                if end <= flushed {
+                    plan.input_ids.extend_from_slice(&r.tokens[start..end]);
+                } else {
+                    let pending = recent.pending(r, s.slot);
+                    plan.input_ids.extend((start..end).map(|p| {
+                        if p < flushed {
+                            r.tokens[p]
+                        } else {
+                            pending[p - flushed]
+                        }
+                    }));
+                }
             }
             for p in start..end {
                 plan.positions.push(p as i64);
-                let block = i64::from(r.blocks[p >> shift]);
+                let block = i64::from(batch.block(i, p >> shift));
                 plan.slot_mapping.push((block << shift) | (p & mask) as i64);
             }
             plan.query_start_loc.push(plan.input_ids.len() as i32);
             plan.seq_lens.push(end as i32);
-            // Each table element is written once (no fill then overwrite).
-            plan.block_table.extend(r.blocks.iter().map(|&b| b as i32));
-            plan.block_table
-                .extend(std::iter::repeat_n(-1, max_blocks - r.blocks.len()));
-            if end == r.tokens.len() {
+            if end == s.num_tokens {
                 plan.logits_indices.push(plan.input_ids.len() as i64 - 1);
-                plan.sample_handles.push(r.handle);
-                pending.samples.push((s.slot, r.handle));
+                plan.sample_handles.push(s.handle);
+                pending.samples.push((s.slot, s.handle));
             }
-            pending.seqs.push((s.slot, r.handle, s.num_new));
+            pending.seqs.push((s.slot, s.handle, s.num_new));
         }
+        // One contiguous copy: the plan owns its table, the next step edits this one.
+        plan.block_table = batch.finish(num_seqs);
+        self.scratch.sched = ordered;
+        self.scratch.ordered = spare;
         self.counters.steps += 1;
         self.counters.tokens_scheduled_last_step = num_tokens as u64;
         self.counters.seqs_scheduled_last_step = num_seqs as u64;
@@ -712,7 +810,6 @@ impl Scheduler {
         };
         let bs = self.cfg.block_size;
         let caching = self.cfg.enable_prefix_caching;
-        let max_model_len = self.cfg.max_model_len;
         let mut out = StepOutput {
             handles: Vec::with_capacity(sampled.len()),
             token_ids: Vec::with_capacity(sampled.len()),
@@ -737,17 +834,17 @@ impl Scheduler {
             }
             r.num_computed += num_new;
             if caching {
-                register_full_blocks(r, &mut self.gpu, &mut self.prefix, bs);
+                register_full_blocks(r, slot, &self.recent, &mut self.gpu, &mut self.prefix, bs);
             }
             let Some(tok) = tok else { continue };
-            r.tokens.push(tok);
+            self.recent.push(r, slot, tok);
             r.last_token = tok;
             out.handles.push(handle);
             out.token_ids.push(tok);
-            if let Some(reason) = r.stop_reason(tok, max_model_len) {
+            if let Some(reason) = r.stop_reason(tok) {
                 out.finished_handles.push(handle);
                 out.finish_reasons.push(reason);
-                out.finished_ids.push(r.id.clone());
+                out.finished_ids.push(r.cold.id.clone());
                 self.remove(slot, reason, false);
                 any_finished = true;
             }
@@ -756,6 +853,7 @@ impl Scheduler {
             let slots = &self.slots;
             self.running.retain(|&s| slots[s].is_some());
         }
+        self.recycle(p);
         Ok(out)
     }
 
@@ -798,10 +896,10 @@ impl Scheduler {
         for &b in r.blocks.iter().rev() {
             self.gpu.decref(b);
         }
-        for &h in &r.host_blocks {
+        for &h in &r.cold.host_blocks {
             self.host.decref(h);
         }
-        self.by_id.remove(&r.id);
+        self.by_id.remove(&r.cold.id);
         self.free_slots.push(slot);
         if aborted {
             self.counters.requests_aborted += 1;
@@ -810,19 +908,19 @@ impl Scheduler {
         }
         let stats = RequestStats {
             handle: r.handle,
-            prompt_tokens: r.num_prompt_tokens,
+            prompt_tokens: r.cold.num_prompt_tokens,
             output_tokens: r.num_output_tokens(),
-            cached_prompt_tokens: r.cached_prompt_tokens,
+            cached_prompt_tokens: r.cold.cached_prompt_tokens,
             num_computed_tokens: r.num_computed,
-            num_preemptions: r.num_preemptions,
+            num_preemptions: r.cold.num_preemptions,
             state: if aborted {
                 "aborted".into()
             } else {
                 format!("finished:{reason}")
             },
         };
-        if self.finished.insert(r.id.clone(), stats).is_none() {
-            self.finished_order.push_back(r.id);
+        if self.finished.insert(r.cold.id.clone(), stats).is_none() {
+            self.finished_order.push_back(r.cold.id);
         }
         while self.finished_order.len() > FINISHED_MEMORY {
             if let Some(old) = self.finished_order.pop_front() {
@@ -836,11 +934,11 @@ impl Scheduler {
         if let Some(r) = self.request(id) {
             return Ok(RequestStats {
                 handle: r.handle,
-                prompt_tokens: r.num_prompt_tokens,
+                prompt_tokens: r.cold.num_prompt_tokens,
                 output_tokens: r.num_output_tokens(),
-                cached_prompt_tokens: r.cached_prompt_tokens,
+                cached_prompt_tokens: r.cold.cached_prompt_tokens,
                 num_computed_tokens: r.num_computed,
-                num_preemptions: r.num_preemptions,
+                num_preemptions: r.cold.num_preemptions,
                 state: r.status.as_str().into(),
             });
         }
@@ -852,16 +950,30 @@ impl Scheduler {
 }
 
 /// Registers the request's newly computed full blocks in the prefix cache.
-fn register_full_blocks(r: &mut Request, gpu: &mut BlockPool, prefix: &mut PrefixCache, bs: usize) {
+fn register_full_blocks(
+    r: &mut Request,
+    slot: usize,
+    recent: &RecentTokens,
+    gpu: &mut BlockPool,
+    prefix: &mut PrefixCache,
+    bs: usize,
+) {
     let full = r.num_computed >> bs.trailing_zeros();
     if full <= r.num_registered_blocks {
         return;
     }
-    extend_hashes(&mut r.block_hashes, r.root_hash, &r.tokens[..full * bs], bs);
+    // Hashing reads the block's tokens, some of which may still be in the recent buffer.
+    recent.flush(r, slot);
+    extend_hashes(
+        &mut r.cold.block_hashes,
+        r.cold.root_hash,
+        &r.tokens[..full * bs],
+        bs,
+    );
     for i in r.num_registered_blocks..full {
         let b = r.blocks[i];
         if gpu.hash(b).is_none() {
-            let h = r.block_hashes[i];
+            let h = r.cold.block_hashes[i];
             // Another block may already hold this prefix (computed side by side):
             // keep that one and let this block go back to the free list when released.
             if prefix.insert(h, b) {

@@ -149,7 +149,9 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
                         params.insert(id.clone(), p);
                         live.push(id);
                     }
-                    Err(CoreError::AtCapacity { .. }) | Err(CoreError::InvalidRequest { .. }) => {
+                    Err(CoreError::AtCapacity { .. })
+                    | Err(CoreError::InvalidRequest { .. })
+                    | Err(CoreError::RequestTooLarge { .. }) => {
                         t.rejected += 1;
                         assert_eq!(before, fingerprint(&s), "a rejected add changed the core");
                     }

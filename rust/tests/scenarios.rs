@@ -414,7 +414,6 @@ fn errors_name_the_field_and_change_nothing() {
             },
             "min_tokens",
         ),
-        (req("e", vec![1; 20], 40), "max_tokens"), // 8 blocks of 4 = 32 KV slots < 59
     ];
     for (p, field) in cases {
         let e = s.add_request(p).unwrap_err();
@@ -422,6 +421,22 @@ fn errors_name_the_field_and_change_nothing() {
             matches!(e, CoreError::InvalidRequest { field: f, .. } if f == field),
             "{e}"
         );
+        assert_eq!(fp, fingerprint(&s));
+    }
+    // Requests that could never run alone (8 blocks of 4 = 32 KV slots) get their own
+    // variant (still a bad request), naming the field to shrink.
+    let too_large: Vec<(RequestParams, &str)> = vec![
+        (req("e", vec![1; 20], 40), "max_tokens"), // 20 + 40 - 1 = 59 slots
+        (req("e", vec![1; 33], 1), "prompt_token_ids"), // the prompt alone needs 9 blocks
+    ];
+    for (p, field) in too_large {
+        let e = s.add_request(p).unwrap_err();
+        assert!(
+            matches!(e, CoreError::RequestTooLarge { field: f, .. } if f == field),
+            "{e}"
+        );
+        assert!(e.is_invalid_request());
+        assert!(e.to_string().contains("could never run"), "{e}");
         assert_eq!(fp, fingerprint(&s));
     }
     s.add_request(req("ok2", vec![1], 4)).unwrap();

@@ -152,6 +152,10 @@ impl Sim {
             }
             // The whole context reads back from the cache through the block table.
             let table = &plan.block_table[i * nb..(i + 1) * nb];
+            // A row holds exactly the blocks its context needs, then -1 padding.
+            let used = seq_len.div_ceil(bs);
+            assert!(table[..used].iter().all(|&b| b >= 0), "row {i}: {table:?}");
+            assert!(table[used..].iter().all(|&b| b == -1), "row {i}: {table:?}");
             let mut ctx = Vec::with_capacity(seq_len);
             for p in 0..seq_len {
                 let blk = table[p / bs];

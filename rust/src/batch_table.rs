@@ -1,0 +1,230 @@
+//! The last plan's padded block table, kept across steps (a "persistent batch").
+//!
+//! A steady decode batch keeps its rows from one step to the next and each row gains at
+//! most one block every `block_size` steps, so rebuilding the table from every request's
+//! own block list each step (one scattered heap row per sequence) wastes most of the step
+//! on cache misses. Here the next table is built in place over the last one: a row whose
+//! sequence sat in the same row last time only gets its new blocks written; a sequence
+//! that moved up (an earlier row finished) has its old row moved with one `copy_within`;
+//! anything else is written from the request's block list. The plan then takes one
+//! contiguous copy (numpy must own its array, and the next step edits this one).
+//!
+//! A row is reused only when its key matches: the request's handle (unique for the life
+//! of the core) and its block generation, which the scheduler bumps whenever it clears a
+//! request's blocks (preemption, admission), so between two matches blocks were only
+//! appended.
+
+/// Identity of the block list a row was written from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RowKey {
+    pub handle: u64,
+    pub blocks_gen: u32,
+}
+
+const NO_ROW: u32 = u32::MAX;
+
+#[derive(Debug, Default)]
+pub(crate) struct BatchTable {
+    /// Columns of `table`: the last plan's `max_blocks`.
+    stride: usize,
+    /// Row-major [keys.len(), stride], padded with -1.
+    table: Vec<i32>,
+    keys: Vec<RowKey>,
+    /// Blocks written in each row.
+    lens: Vec<u32>,
+    /// Each row's last block (-1 if none): a decode's new token goes there, and reading
+    /// it from this dense array spares a cache miss on the row itself.
+    last: Vec<i32>,
+    /// Row each request slot had in the last table (NO_ROW if none); checked by key.
+    row_of_slot: Vec<u32>,
+}
+
+impl BatchTable {
+    /// Starts a table of `num_rows` rows and `stride` columns. A new stride drops every
+    /// row (their layout no longer fits); otherwise rows are kept for `set_row`.
+    pub fn begin(&mut self, num_rows: usize, stride: usize, num_slots: usize) {
+        if stride != self.stride {
+            self.stride = stride;
+            self.table.clear();
+            self.keys.clear();
+            self.lens.clear();
+            self.last.clear();
+        }
+        if self.row_of_slot.len() < num_slots {
+            self.row_of_slot.resize(num_slots, NO_ROW);
+        }
+        let old_rows = self.keys.len();
+        if num_rows > old_rows {
+            self.table.resize(num_rows * stride, -1);
+            self.keys.resize(
+                num_rows,
+                RowKey {
+                    handle: u64::MAX,
+                    blocks_gen: 0,
+                },
+            );
+            self.lens.resize(num_rows, 0);
+            self.last.resize(num_rows, -1);
+        }
+    }
+
+    /// Makes row `i` (rows are set in increasing order) hold the `num_blocks` blocks of
+    /// the request in `slot`; `blocks` gives them and is called only when the last table
+    /// lacks some.
+    pub fn set_row<'a>(
+        &mut self,
+        i: usize,
+        slot: usize,
+        key: RowKey,
+        num_blocks: usize,
+        blocks: impl FnOnce() -> &'a [u32],
+    ) {
+        let stride = self.stride;
+        // Where this request's row was last time; rows below `i` are already rewritten.
+        let old = self.row_of_slot[slot];
+        // A steady decode row: same place, same blocks; nothing to write.
+        if old as usize == i
+            && i < self.keys.len()
+            && self.keys[i] == key
+            && self.lens[i] as usize == num_blocks
+        {
+            return;
+        }
+        let (have, last) = if old != NO_ROW
+            && (old as usize) >= i
+            && (old as usize) < self.keys.len()
+            && self.keys[old as usize] == key
+            && self.lens[old as usize] as usize <= num_blocks
+        {
+            let old = old as usize;
+            if old != i {
+                self.table
+                    .copy_within(old * stride..(old + 1) * stride, i * stride);
+            }
+            (self.lens[old] as usize, self.last[old])
+        } else {
+            let row = &mut self.table[i * stride..(i + 1) * stride];
+            row[num_blocks..].fill(-1);
+            (0, -1)
+        };
+        self.last[i] = last;
+        if have < num_blocks {
+            let row = &mut self.table[i * stride..(i + 1) * stride];
+            for (dst, &b) in row[have..num_blocks]
+                .iter_mut()
+                .zip(&blocks()[have..num_blocks])
+            {
+                *dst = b as i32;
+            }
+            self.last[i] = row[num_blocks - 1];
+        }
+        self.keys[i] = key;
+        self.lens[i] = num_blocks as u32;
+        self.row_of_slot[slot] = i as u32;
+    }
+
+    /// Block `j` of row `i` (the caller knows it was set).
+    #[inline]
+    pub fn block(&self, i: usize, j: usize) -> i32 {
+        if j + 1 == self.lens[i] as usize {
+            self.last[i]
+        } else {
+            self.table[i * self.stride + j]
+        }
+    }
+
+    /// Drops rows past `num_rows` and returns a copy of the table for the plan.
+    pub fn finish(&mut self, num_rows: usize) -> Vec<i32> {
+        self.table.truncate(num_rows * self.stride);
+        self.keys.truncate(num_rows);
+        self.lens.truncate(num_rows);
+        self.last.truncate(num_rows);
+        self.table.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Tiny xorshift so the test needs no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
+        }
+    }
+
+    /// Random batches (requests come and go, gain blocks, get their blocks reset, change
+    /// order) must always give exactly the table built from scratch.
+    #[test]
+    fn matches_a_table_built_from_scratch() {
+        let mut rng = Rng(0x2545_F491_4F6C_DD1D);
+        for _case in 0..200 {
+            let mut t = BatchTable::default();
+            let num_slots = 1 + rng.below(12) as usize;
+            // Per slot: (handle, gen, blocks); None = no request.
+            let mut reqs: Vec<Option<(u64, u32, Vec<u32>)>> = vec![None; num_slots];
+            let mut next_handle = 0u64;
+            let mut next_block = 0u32;
+            for _step in 0..40 {
+                for r in reqs.iter_mut() {
+                    match rng.below(10) {
+                        0 => *r = None,
+                        1 | 2 if r.is_none() => {
+                            *r = Some((next_handle, 0, Vec::new()));
+                            next_handle += 1;
+                        }
+                        3 => {
+                            if let Some((_, g, b)) = r {
+                                *g += 1;
+                                b.clear();
+                            }
+                        }
+                        _ => {}
+                    }
+                    if let Some((_, _, b)) = r {
+                        for _ in 0..rng.below(3) {
+                            b.push(next_block);
+                            next_block += 1;
+                        }
+                    }
+                }
+                // Mostly stable order, sometimes a swap, sometimes a row left out.
+                let mut order: Vec<usize> = (0..num_slots).filter(|&s| reqs[s].is_some()).collect();
+                if order.len() > 1 && rng.below(4) == 0 {
+                    let a = rng.below(order.len() as u64) as usize;
+                    let b = rng.below(order.len() as u64) as usize;
+                    order.swap(a, b);
+                }
+                if !order.is_empty() && rng.below(4) == 0 {
+                    order.remove(rng.below(order.len() as u64) as usize);
+                }
+                let max_blocks = order
+                    .iter()
+                    .map(|&s| reqs[s].as_ref().map_or(0, |r| r.2.len()))
+                    .max()
+                    .unwrap_or(0);
+                t.begin(order.len(), max_blocks, num_slots);
+                let mut want = Vec::new();
+                for (i, &s) in order.iter().enumerate() {
+                    let (h, g, b) = reqs[s].as_ref().expect("live");
+                    let key = RowKey {
+                        handle: *h,
+                        blocks_gen: *g,
+                    };
+                    t.set_row(i, s, key, b.len(), || b.as_slice());
+                    want.extend(b.iter().map(|&x| x as i32));
+                    want.extend(std::iter::repeat_n(-1, max_blocks - b.len()));
+                    for (j, &x) in b.iter().enumerate() {
+                        assert_eq!(t.block(i, j), x as i32);
+                    }
+                }
+                assert_eq!(t.finish(order.len()), want);
+            }
+        }
+    }
+}
