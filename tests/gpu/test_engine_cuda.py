@@ -74,6 +74,7 @@ def _greedy(
     params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True, logprobs=2)
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
     result = [(list(o.token_ids), list(o.logprobs or [])) for o in outs]
+    llm.close()
     del llm
     gc.collect()
     torch.cuda.empty_cache()

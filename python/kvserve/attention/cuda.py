@@ -21,6 +21,9 @@ DEFAULT_LAYOUT = "HND"
 
 class CudaAttentionBackend:
     name = "cuda"
+    # Decode launches read only device-side lengths plus host bounds that a capture can fix
+    # (kvserve.cuda_graphs), so decode steps can be captured and replayed.
+    supports_cuda_graphs = True
 
     def __init__(self, layout: str = DEFAULT_LAYOUT) -> None:
         reason = cuda_unavailable_reason()

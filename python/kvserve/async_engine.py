@@ -1,0 +1,133 @@
+"""The asyncio face of the engine, for the server: streams of deltas, a step thread."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvserve.engine import LLMEngine, StepListener
+from kvserve.engine_args import EngineArgs
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    """Loads the model at construction; `start()` launches the step loop in a thread so the
+    event loop never waits on the forward pass."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        self.engine = LLMEngine(args)
+        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stop = False
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        e = self.engine
+        return {"model": e.model_name, "max_model_len": e.max_model_len,
+                "block_size": e.args.block_size, "dtype": str(e.dtype).removeprefix("torch.")}
+
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="kvserve-step", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        for request_id in list(self._streams):
+            self.abort(request_id)
+
+    async def generate(self, prompt: str | None, params: SamplingParams, *,
+                       request_id: str | None = None, prompt_token_ids: list[int] | None = None,
+                       messages: list[dict[str, Any]] | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Deltas of one request. Bad input or a full queue raises at the first __anext__,
+        before anything is queued; leaving the loop early (cancel, aclose) aborts it."""
+        if self._thread is None:
+            raise RuntimeError("AsyncEngine.start() has not been awaited")
+        request_id = request_id or uuid.uuid4().hex
+        if request_id in self._streams:
+            raise self.engine.invalid_request_error(
+                f"request_id: {request_id!r} is already in use")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._streams[request_id] = queue
+        finished = added = False
+        try:
+            self.engine.add_request(request_id, prompt, params, prompt_token_ids, messages,
+                                    cache_salt)
+            added = True
+            self._wake.set()
+            while True:
+                item = await queue.get()
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if added and not finished:
+                self.engine.abort(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        found = self.engine.abort(request_id)
+        queue = self._streams.pop(request_id, None)
+        if queue is not None and self._loop is not None:
+            final = RequestOutput(request_id, finished=True, finish_reason="abort")
+            self._loop.call_soon_threadsafe(queue.put_nowait, final)
+        return found
+
+    def load(self) -> dict[str, Any]:
+        m = self.engine.metrics()
+        load = dict(m)
+        load.update(kv_usage=m.get("gpu_kv_usage", 0.0), host_kv_usage=m.get("host_kv_usage", 0.0),
+                    running=m.get("running", 0), waiting=m.get("waiting", 0),
+                    swapped=m.get("swapped", 0),
+                    tokens_last_step=m.get("tokens_scheduled_last_step", 0),
+                    prefix_hit_rate=m.get("prefix_hit_rate", 0.0),
+                    admitting=m.get("waiting", 0) < self.engine.args.max_waiting)
+        return load
+
+    def add_step_listener(self, fn: StepListener) -> None:
+        self.engine.add_step_listener(fn)
+
+    # ---- the step thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop:
+            if not self.engine.has_unfinished():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                deltas = self.engine.step()
+            except Exception:  # keep the loop alive; the failure is logged
+                log.exception("engine step raised")
+                continue
+            if deltas and self._loop is not None:
+                self._loop.call_soon_threadsafe(self._deliver, deltas)
+
+    def _deliver(self, deltas: list[RequestOutput]) -> None:
+        for d in deltas:
+            queue = self._streams.get(d.request_id)
+            if queue is not None:
+                queue.put_nowait(d)

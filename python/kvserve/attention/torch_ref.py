@@ -1,0 +1,98 @@
+"""The torch reference attention backend: paged K/V write, then attention over gathered pages.
+
+Works on any device torch does. Cache layout per layer: [num_blocks, block_size, Hkv, D]
+(block id first, as the interface requires). Decodes are batched into one SDPA call; each
+prefill (or prefill chunk) is attended separately, bottom-right causal.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.attention.base import AttentionMetadata
+
+
+class TorchAttentionBackend:
+    name = "torch"
+
+    def __init__(self) -> None:
+        self._meta: AttentionMetadata | None = None
+        self._plan: _StepLayout | None = None
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int, num_kv_heads: int,
+                       head_dim: int) -> tuple[int, ...]:
+        return (num_blocks, block_size, num_kv_heads, head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        # index_copy_ is a plain row scatter: much cheaper than index_put_ on CPU.
+        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if meta is not self._meta:  # every layer shares the step's layout: derive it once
+            self._meta, self._plan = meta, _StepLayout(meta, k_cache.shape[1])
+        layout = self._plan
+        assert layout is not None
+        nd = meta.num_decodes
+        if nd == q.shape[0]:  # decode-only step (the common case): no output scatter
+            return _decode(q, k_cache, v_cache, layout, scale)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = _decode(q[:nd], k_cache, v_cache, layout, scale)
+        for s, e, blocks, length in layout.prefills:
+            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:length]
+            values = v_cache.index_select(0, blocks).flatten(0, 1)[:length]
+            out[s:e] = _prefill(q[s:e], keys, values, scale)
+        return out
+
+
+class _StepLayout:
+    """Per-step index tensors shared by all layers: decode gather table + mask, prefill spans."""
+
+    def __init__(self, meta: AttentionMetadata, block_size: int) -> None:
+        nd = meta.num_decodes
+        starts = meta.query_start_loc_cpu.tolist()
+        lens = meta.seq_lens_cpu.tolist()
+        self.prefills = [
+            (starts[i], starts[i + 1],
+             meta.block_table[i, : (lens[i] + block_size - 1) // block_size], lens[i])
+            for i in range(nd, meta.num_seqs)]
+        self.decode_len = max(lens[:nd], default=0)
+        if nd:
+            nblocks = (self.decode_len + block_size - 1) // block_size
+            # -1 padding may point at any block: those positions are masked out below.
+            self.decode_table = meta.block_table[:nd, :nblocks].clamp_min(0).flatten()
+            self.decode_mask: torch.Tensor | None = None
+            if min(lens[:nd]) != self.decode_len:  # ragged: hide each row's padding
+                positions = torch.arange(self.decode_len, device=meta.seq_lens.device)
+                self.decode_mask = (positions.unsqueeze(0) < meta.seq_lens[:nd].unsqueeze(1)
+                                    )[:, None, None, :]
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [n, Hq, D] are the last n of the L context tokens in k/v [L, Hkv, D]."""
+    n, L = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    if n == L:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale,
+                                           enable_gqa=True)
+    else:
+        # Bottom-right causal: query i sees keys up to position L - n + i.
+        rows = torch.arange(n, device=q.device).unsqueeze(1) + (L - n)
+        mask = torch.arange(L, device=q.device).unsqueeze(0) <= rows
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            layout: _StepLayout, scale: float) -> torch.Tensor:
+    """One query per sequence, all sequences in one SDPA call over padded gathered pages."""
+    batch, length = q.shape[0], layout.decode_len
+    keys = k_cache.index_select(0, layout.decode_table).view(batch, -1, *k_cache.shape[2:])
+    values = v_cache.index_select(0, layout.decode_table).view(batch, -1, *v_cache.shape[2:])
+    o = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2),
+        attn_mask=layout.decode_mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)

@@ -1,0 +1,1 @@
+"""Subcommands of the `kvserve` CLI, one module each."""

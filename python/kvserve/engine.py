@@ -1,0 +1,254 @@
+"""The synchronous engine: the step loop schedule -> forward -> sample -> commit -> deltas."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvserve.attention import get_backend
+from kvserve.detokenizer import IncrementalDetokenizer
+from kvserve.engine_args import EngineArgs
+from kvserve.model import load_checkpoint
+from kvserve.outputs import RequestOutput, StepStats
+from kvserve.request_state import RequestState
+from kvserve.runner import ModelRunner
+from kvserve.sampling import Sampler
+from kvserve.sampling_params import SamplingParams
+from kvserve.stop_strings import StopStringMatcher
+
+log = logging.getLogger(__name__)
+StepListener = Callable[[StepStats], None]
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from kvserve import _core
+
+        self.args = args
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _resolve_dtype(args.dtype, self.device)
+        if args.model is None:
+            from kvserve.default_model import default_model_path
+
+            model_path = str(default_model_path())
+        else:
+            model_path = args.model
+        ckpt = load_checkpoint(model_path)
+        cfg = ckpt.config
+        self.model_name = cfg.name
+        self.tokenizer = ckpt.tokenizer
+        limit = min(cfg.max_position_embeddings, cfg.sliding_window or 1 << 62)
+        self.max_model_len = min(args.max_model_len or limit, limit)
+        backend = get_backend(args.attention_backend, self.device)
+        self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
+                                  self.max_model_len, args.max_num_batched_tokens,
+                                  args.max_num_seqs, args.kv_cache_bytes,
+                                  args.gpu_memory_utilization, args.swap_bytes,
+                                  enforce_eager=args.enforce_eager)
+        self.core = _core.Core(
+            num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
+            num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_waiting=args.max_waiting,
+            enable_prefix_caching=args.enable_prefix_caching,
+            preemption_mode=args.preemption_mode,
+            kv_bytes_per_token=self.runner.kv_bytes_per_token,
+            flops_per_token=cfg.flops_per_token)
+        self.invalid_request_error: type[Exception] = _core.InvalidRequestError
+        self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
+        self.vocab_size = cfg.vocab_size
+        self.weight_bytes = sum(p.numel() * p.element_size()
+                                for p in self.runner.model.parameters())
+        self.attn_flops_per_ctx_token = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+        self._lock = threading.Lock()  # the core is not thread-safe; never held in forward
+        self._requests: dict[int, RequestState] = {}
+        self._handles: dict[str, int] = {}
+        self._listeners: list[StepListener] = []
+
+    # ---- the step loop --------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return a delta for every request that got a token or finished."""
+        start = time.perf_counter()
+        with self._lock:
+            plan = self.core.schedule()
+            rows = [self._requests[h] for h in plan.sample_handles.tolist()]
+        if plan.num_seqs == 0:
+            return []
+        try:
+            logits = self.runner.execute(plan)
+            sampled = self.sampler(logits, rows) if rows else None
+        except Exception as exc:  # a failed forward ends its requests, not the engine
+            log.exception("engine step failed")
+            return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        tokens = sampled.token_ids.numpy() if sampled else np.zeros(0, np.int64)
+        logprobs = dict(zip(plan.sample_handles.tolist(), sampled.logprobs)) \
+            if sampled and sampled.logprobs else {}
+        with self._lock:
+            out = self.core.commit(plan.id, tokens)
+            deltas = self._collect(out, logprobs)
+        self._notify(plan, time.perf_counter() - start)
+        return deltas
+
+    def _collect(self, out: Any, logprobs: dict[int, Any]) -> list[RequestOutput]:
+        deltas: dict[int, RequestOutput] = {}
+        for handle, token in zip(out.handles.tolist(), out.token_ids.tolist()):
+            state = self._requests.get(handle)
+            if state is None:  # aborted while the forward ran
+                continue
+            deltas[handle], hit_stop = state.append(token, logprobs.get(handle))
+            if hit_stop and self.core.finish(state.request_id, "stop"):
+                self._end(state, deltas[handle], "stop")
+        for handle, reason in zip(out.finished_handles.tolist(), out.finish_reasons):
+            state = self._requests.get(handle)
+            if state is not None:
+                self._end(state, deltas[handle], reason)
+        return list(deltas.values())
+
+    def _end(self, state: RequestState, delta: RequestOutput, reason: str) -> None:
+        try:
+            cached = int(self.core.request_stats(state.request_id)["cached_prompt_tokens"])
+        except Exception:  # noqa: BLE001 -- stats are best effort; the output is what matters
+            cached = 0
+        state.finish(delta, reason, cached)
+        del self._requests[state.handle]
+        self._handles.pop(state.request_id, None)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str | None, prompt: str | None, params: SamplingParams,
+                    prompt_token_ids: list[int] | None = None,
+                    messages: list[dict[str, Any]] | None = None,
+                    cache_salt: str | None = None) -> RequestState:
+        """Validate and queue; on any error nothing is queued and the engine is unchanged."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params: expected a SamplingParams")
+        params.validate(self.vocab_size)
+        ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+        if len(ids) >= self.max_model_len:
+            raise self.invalid_request_error(
+                f"prompt: {len(ids)} tokens; must be shorter than max_model_len "
+                f"({self.max_model_len})")
+        max_tokens = params.max_tokens or self.max_model_len - len(ids)
+        eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
+        stop_ids = list(dict.fromkeys([*(params.stop_token_ids or []), *eos[1:]]))
+        request_id = request_id or uuid.uuid4().hex
+        with self._lock:
+            handle = self.core.add_request(
+                request_id, np.asarray(ids, dtype=np.int64), max_tokens,
+                min_tokens=params.min_tokens, stop_token_ids=stop_ids,
+                eos_token_id=self.tokenizer.eos_token_id, ignore_eos=params.ignore_eos,
+                cache_salt=cache_salt)
+            gen = None
+            if params.seed is not None:
+                gen = torch.Generator(self.device).manual_seed(params.seed)
+            state = RequestState(
+                request_id, handle, params, ids,
+                IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
+                StopStringMatcher(params.stop_list), gen,
+                min_tokens_blocked_ids=[*self.tokenizer.eos_token_ids,
+                                        *(params.stop_token_ids or [])])
+            self._requests[handle] = state
+            self._handles[request_id] = handle
+        return state
+
+    def _prompt_ids(self, prompt: str | None, ids: list[int] | None,
+                    messages: list[dict[str, Any]] | None) -> list[int]:
+        given = [x is not None for x in (prompt, ids, messages)]
+        if sum(given) != 1:
+            raise self.invalid_request_error(
+                "prompt: give exactly one of prompt, prompt_token_ids or messages")
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages)
+            # The template writes its own BOS/special tokens.
+            ids = self.tokenizer.encode(text, add_special_tokens=False)
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise self.invalid_request_error("prompt: must be a string")
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            ids = [int(t) for t in ids]  # type: ignore[union-attr]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise self.invalid_request_error(
+                    f"prompt_token_ids: token id {bad[0]} outside [0, {self.vocab_size})")
+        if not ids:
+            raise self.invalid_request_error("prompt: must not be empty")
+        return ids
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            handle = self._handles.pop(request_id, None)
+            if handle is not None:
+                self._requests.pop(handle, None)
+            return bool(self.core.abort(request_id))
+
+    def close(self) -> None:
+        """Abort what is left and free the device memory (model, KV cache, graphs)."""
+        for request_id in list(self._handles):
+            self.abort(request_id)
+        self.runner.close()
+
+    def has_unfinished(self) -> bool:
+        with self._lock:
+            return bool(self._requests) or bool(self.core.has_unfinished())
+
+    def _fail(self, plan: Any, message: str) -> list[RequestOutput]:
+        deltas = []
+        with self._lock:
+            for h in plan.handles.tolist():
+                state = self._requests.pop(h, None)
+                if state is None:
+                    continue
+                self._handles.pop(state.request_id, None)
+                self.core.abort(state.request_id)
+                deltas.append(RequestOutput(state.request_id, finished=True,
+                                            finish_reason="error", error=message,
+                                            num_prompt_tokens=len(state.prompt_token_ids),
+                                            num_completion_tokens=len(state.output_token_ids)))
+            # Every row's request is gone now, so the commit only closes the plan.
+            self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
+        return deltas
+
+    # ---- load and step statistics ---------------------------------------------------------
+
+    def add_step_listener(self, fn: StepListener) -> None:
+        self._listeners.append(fn)
+
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self.core.metrics())
+
+    def _notify(self, plan: Any, duration: float) -> None:
+        if not self._listeners or plan.num_seqs == 0:
+            return
+        nd, nt = int(plan.num_decodes), int(plan.num_tokens)
+        q_lens = np.diff(plan.query_start_loc).astype(np.float64)
+        ctx = plan.seq_lens.astype(np.float64)
+        # Attention: each new token attends to (on average) half its own chunk plus the prefix.
+        attn_pairs = float(np.sum(q_lens * (ctx - q_lens) + q_lens * (q_lens + 1) / 2))
+        kv = self.runner.kv_bytes_per_token
+        stats = StepStats(
+            num_seqs=int(plan.num_seqs), num_tokens=nt, num_prefill_tokens=nt - nd,
+            num_decodes=nd, duration_s=duration,
+            flops_estimate=self.runner.config.flops_per_token * nt
+            + self.attn_flops_per_ctx_token * attn_pairs,
+            bytes_estimate=float(self.weight_bytes + kv * float(ctx.sum()) + kv * nt))
+        for fn in self._listeners:
+            try:
+                fn(stats)
+            except Exception:  # a broken listener must not stop serving
+                log.exception("step listener failed")
+
+
+def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

@@ -1,0 +1,104 @@
+"""EngineArgs: every engine knob, shared by `kvserve generate`, the server and LLM(...)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass, fields
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
+          "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
+          "tib": 2**40}
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREEMPTION_MODES = ("auto", "recompute", "swap")
+
+
+def parse_size(value: str | float, field_name: str) -> int:
+    """'512MiB', '2GB', '1e9' or a number of bytes -> bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"{field_name}: must be >= 0 bytes, got {value!r}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"{field_name}: cannot parse size {value!r} (e.g. 512MiB, 2GB, 1e9)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None  # HF directory or .gguf file; None: the embedded SmolLM2
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str | None = None  # None: cuda when available, else cpu
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's own limit
+    max_waiting: int = 4096
+    kv_cache_memory: str | int = "512MiB"  # CPU only: KV pool size
+    gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory kvserve may use
+    swap_space: str | int = "1GiB"  # host pool for swapped-out KV blocks
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "auto"
+    attention_backend: str | None = None  # None: cuda on CUDA devices, else torch
+    enforce_eager: bool = False  # CUDA: no decode graphs, every step launched eagerly
+    seed: int = 0  # for requests without their own seed
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode: {self.preemption_mode!r} is not one of "
+                             f"{', '.join(PREEMPTION_MODES)}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len: must be >= 2, got {self.max_model_len!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization: must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization!r}")
+        self.kv_cache_bytes = parse_size(self.kv_cache_memory, "kv_cache_memory")
+        self.swap_bytes = parse_size(self.swap_space, "swap_space")
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Add the engine options; one the command already defines (e.g. --seed) is kept."""
+        d = EngineArgs.__dataclass_fields__
+        g = parser.add_argument_group("engine")
+        taken = set(parser._option_string_actions)
+
+        def add(flag: str, **kwargs: object) -> None:
+            if flag not in taken:
+                g.add_argument(flag, **kwargs)  # type: ignore[arg-type]
+
+        add("--model", default=None,
+            help="HF model directory or .gguf file (default: embedded SmolLM2-135M)")
+        add("--dtype", default="auto", choices=DTYPES)
+        add("--device", default=None, help="cuda, cuda:N or cpu (default: auto)")
+        for name, kind, text in (
+            ("block-size", int, "tokens per KV block"),
+            ("max-num-seqs", int, "most sequences in one step"),
+            ("max-num-batched-tokens", int, "most new tokens in one step"),
+            ("max-model-len", int, "longest prompt + output (default: the model's)"),
+            ("max-waiting", int, "waiting-queue size before requests are refused"),
+            ("gpu-memory-utilization", float, "fraction of GPU memory to use"),
+            ("seed", int, "seed for requests without one"),
+        ):
+            add(f"--{name}", type=kind, default=d[name.replace("-", "_")].default, help=text)
+        add("--kv-cache-memory", default="512MiB", help="CPU KV-cache size, e.g. 512MiB, 2GB")
+        add("--swap-space", default="1GiB", help="host swap pool size, e.g. 4GiB")
+        add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+            help="disable prefix caching")
+        add("--preemption-mode", default="auto", choices=PREEMPTION_MODES)
+        add("--attention-backend", default=None, choices=("torch", "cuda"))
+        add("--enforce-eager", action="store_true",
+            help="CUDA: launch every step eagerly (no captured decode graphs)")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)
+                      if hasattr(args, f.name)})

@@ -1,0 +1,177 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, TinyLlama) over a paged KV cache.
+
+The forward takes the step's new tokens flattened ([num_tokens], no padding); attention reads
+and writes the paged cache through an AttentionBackend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvserve.attention.base import AttentionBackend, AttentionMetadata
+from kvserve.model.config import ModelConfig
+from kvserve.model.rope import RotaryEmbedding, apply_rotary
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op, same math
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        # Normalise in fp32 like the reference implementation, then scale in the model dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        # q, k and v share one matmul: one weight read per step instead of three.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.scale = cfg.head_dim**-0.5
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, k, *rope)
+        out = self.backend.forward(q, k, v.contiguous(), cache[0], cache[1], meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
+                cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = cfg
+        self.rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta,
+                                    cfg.rope_scaling, dtype)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: list[KVCache]) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the step's new tokens."""
+        x = self.embed_tokens(input_ids)
+        rope = self.rope.lookup(positions)
+        for layer, cache in zip(self.layers, kv_caches):
+            x = layer(x, rope, meta, cache)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits for the given rows only (the sampled ones)."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; name what is missing."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        expected = set(_expected_names(self.config))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb" in name:
+                continue
+            if name not in expected:
+                raise ValueError(f"{source}: unexpected tensor {name!r} for a "
+                                 f"{self.config.architecture} model")
+            target, rows = self._target(name)
+            param = params[target]
+            view = param.data if rows is None else param.data[rows[0]:rows[1]]
+            if tuple(view.shape) != tuple(tensor.shape):
+                raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(view.shape)}")
+            view.copy_(tensor)
+            loaded.add(name)
+        if self.config.tie_word_embeddings:
+            loaded.add("lm_head.weight")
+        missing = sorted(expected - loaded)
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ValueError(f"{source}: missing tensors {shown}")
+
+    def _target(self, name: str) -> tuple[str, tuple[int, int] | None]:
+        cfg = self.config
+        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        fused = {
+            "q_proj": ("qkv_proj", (0, q)),
+            "k_proj": ("qkv_proj", (q, q + kv)),
+            "v_proj": ("qkv_proj", (q + kv, q + 2 * kv)),
+            "gate_proj": ("gate_up_proj", (0, inter)),
+            "up_proj": ("gate_up_proj", (inter, 2 * inter)),
+        }
+        short = name.removeprefix("model.")
+        parts = short.split(".")
+        if len(parts) >= 2 and parts[-2] in fused:
+            new, rows = fused[parts[-2]]
+            parts[-2] = new
+            return ".".join(parts), rows
+        return short, None
+
+
+def _expected_names(cfg: ModelConfig) -> Iterable[str]:
+    yield "model.embed_tokens.weight"
+    yield "model.norm.weight"
+    yield "lm_head.weight"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            yield f"{p}self_attn.{proj}.weight"
+            if cfg.attention_bias:
+                yield f"{p}self_attn.{proj}.bias"
+        yield f"{p}self_attn.o_proj.weight"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            yield f"{p}mlp.{proj}.weight"
+        yield f"{p}input_layernorm.weight"
+        yield f"{p}post_attention_layernorm.weight"

@@ -1,0 +1,45 @@
+"""The engine's per-request bookkeeping: ids, params, RNG, detokenizer and stop strings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvserve.detokenizer import IncrementalDetokenizer
+from kvserve.outputs import Logprobs, RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.stop_strings import StopStringMatcher
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    handle: int
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    detokenizer: IncrementalDetokenizer
+    stop: StopStringMatcher
+    generator: torch.Generator | None = None
+    min_tokens_blocked_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+    hit_stop_string: bool = False
+
+    def append(self, token: int, logprobs: Logprobs | None) -> tuple[RequestOutput, bool]:
+        """Take one committed token; return its delta and whether a stop string matched."""
+        self.output_token_ids.append(token)
+        text, stopped = self.stop.feed(self.detokenizer.add([token]))
+        self.hit_stop_string = self.hit_stop_string or stopped
+        delta = RequestOutput(self.request_id, text, [token],
+                              [logprobs] if logprobs is not None else None)
+        return delta, stopped
+
+    def finish(self, delta: RequestOutput, reason: str, cached_prompt_tokens: int) -> None:
+        """Mark `delta` as the final item: release held-back text, fill in the counts."""
+        if not self.hit_stop_string:  # after a stop string, nothing more is shown
+            tail, _ = self.stop.feed(self.detokenizer.flush())
+            delta.text += tail + self.stop.flush()
+        delta.finished, delta.finish_reason = True, reason
+        delta.num_prompt_tokens = len(self.prompt_token_ids)
+        delta.num_completion_tokens = len(self.output_token_ids)
+        delta.num_cached_prompt_tokens = cached_prompt_tokens

@@ -1,0 +1,168 @@
+"""The model runner: owns the weights and the paged KV cache; turns a plan into logits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from kvserve.attention.base import AttentionBackend, AttentionMetadata
+from kvserve.cuda_graphs import DecodeGraphs
+from kvserve.model import Checkpoint, build_model
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, ckpt: Checkpoint, backend: AttentionBackend, device: torch.device,
+                 dtype: torch.dtype, block_size: int, max_model_len: int,
+                 max_num_batched_tokens: int, max_num_seqs: int, kv_cache_bytes: int,
+                 gpu_memory_utilization: float, swap_bytes: int,
+                 enforce_eager: bool = False) -> None:
+        cfg = ckpt.config
+        self.config, self.device, self.dtype, self.block_size = cfg, device, dtype, block_size
+        self.backend = backend
+        self.model = build_model(ckpt, backend, max_model_len, dtype, device)
+        elem = torch.empty((), dtype=dtype).element_size()
+        # K and V, all layers: what one cached token costs.
+        self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
+        self.block_bytes = self.kv_bytes_per_token * block_size
+        if device.type == "cuda":
+            budget = self._profile_cuda(max_num_batched_tokens, max_num_seqs, max_model_len,
+                                        gpu_memory_utilization)
+        else:
+            budget = kv_cache_bytes
+        self.num_blocks = budget // self.block_bytes
+        if self.num_blocks < 1:
+            raise ValueError(f"kv_cache_memory: {budget} bytes hold no KV block "
+                             f"(one block needs {self.block_bytes} bytes)")
+        self.num_host_blocks = swap_bytes // self.block_bytes
+        self.kv_caches = self._allocate(self.num_blocks, device, pin=False)
+        self.host_caches = (self._allocate(self.num_host_blocks, torch.device("cpu"),
+                                           pin=device.type == "cuda")
+                            if self.num_host_blocks else [])
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), host swap %d blocks",
+                 self.num_blocks, block_size, self.num_blocks * self.block_bytes / 2**20,
+                 self.num_host_blocks)
+        self.graphs: DecodeGraphs | None = None
+        if device.type == "cuda" and not enforce_eager:
+            if getattr(backend, "supports_cuda_graphs", False):
+                self.graphs = DecodeGraphs(self.model, self.kv_caches, device, max_num_seqs,
+                                           max_model_len, block_size)
+                self.graphs.capture()
+            else:
+                log.info("no decode CUDA graphs: the %s attention backend is not capturable",
+                         backend.name)
+
+    def close(self) -> None:
+        """Release the weights, caches and graphs now, not whenever the GC gets to them."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
+        self.kv_caches, self.host_caches = [], []
+        self.model = None  # type: ignore[assignment]
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _allocate(self, num_blocks: int, device: torch.device, pin: bool
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        cfg = self.config
+        shape = self.backend.kv_cache_shape(num_blocks, self.block_size, cfg.num_kv_heads,
+                                            cfg.head_dim)
+        return [tuple(torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
+                      for _ in range(2)) for _ in range(cfg.num_layers)]  # type: ignore[misc]
+
+    def _profile_cuda(self, max_tokens: int, max_seqs: int, max_model_len: int,
+                      utilization: float) -> int:
+        """Bytes left for the KV cache after weights and a worst-case forward's activations."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        blocks = (max_tokens + self.block_size - 1) // self.block_size
+        caches = self._allocate(blocks, self.device, pin=False)
+        meta = _meta_for_one_prefill(max_tokens, self.block_size, self.device)
+        ids = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
+        # Positions wrap at max_model_len: the RoPE table holds no more (only shapes matter).
+        positions = torch.arange(max_tokens, device=self.device) % max_model_len
+        hidden = self.model(ids, positions, meta, caches)
+        self.model.compute_logits(hidden[: min(max_seqs, max_tokens)])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        cache_bytes = blocks * self.block_bytes
+        del caches, hidden
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        others = total - free - torch.cuda.memory_reserved(self.device)  # other processes
+        budget = int(total * utilization) - others - (peak - cache_bytes)
+        if budget < self.block_bytes:
+            raise RuntimeError(f"gpu_memory_utilization: {utilization} of {total} bytes leaves "
+                               f"no room for the KV cache (weights + activations use {peak})")
+        return budget
+
+    @torch.inference_mode()
+    def execute(self, plan: Any) -> torch.Tensor | None:
+        """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows."""
+        self._swap(plan.swap_out, to_host=True)
+        self._swap(plan.swap_in, to_host=False)
+        self._copy(plan.copies)
+        if plan.num_tokens == 0:
+            return None
+        if self.graphs is not None and self.graphs.can_run(plan):
+            return self.graphs.run(plan)
+        dev = self.device
+        qsl = torch.from_numpy(plan.query_start_loc)
+        seq_lens = torch.from_numpy(plan.seq_lens)
+        nb = dev.type == "cuda"  # host->device copies overlap with the host work that follows
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(plan.slot_mapping).to(dev, non_blocking=nb),
+            query_start_loc=qsl.to(dev, non_blocking=nb),
+            seq_lens=seq_lens.to(dev, non_blocking=nb),
+            block_table=torch.from_numpy(plan.block_table).to(dev, non_blocking=nb),
+            num_decodes=int(plan.num_decodes),
+            max_query_len=int(np.diff(plan.query_start_loc).max()),
+            max_seq_len=int(plan.seq_lens.max()),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=seq_lens,
+        )
+        input_ids = torch.from_numpy(plan.input_ids).to(dev, non_blocking=nb)
+        positions = torch.from_numpy(plan.positions).to(dev, non_blocking=nb)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        rows = torch.from_numpy(plan.logits_indices).to(dev, non_blocking=nb)
+        return self.model.compute_logits(hidden[rows])
+
+    def _swap(self, pairs: np.ndarray, to_host: bool) -> None:
+        if len(pairs) == 0:
+            return
+        src_ids = torch.from_numpy(np.ascontiguousarray(pairs[:, 0]))
+        dst_ids = torch.from_numpy(np.ascontiguousarray(pairs[:, 1]))
+        gpu_ids, host_ids = (src_ids, dst_ids) if to_host else (dst_ids, src_ids)
+        gpu_ids = gpu_ids.to(self.device)
+        for gpu, host in zip(self.kv_caches, self.host_caches):
+            for g, h in zip(gpu, host):
+                if to_host:
+                    h[host_ids] = g[gpu_ids].to("cpu")
+                else:
+                    g[gpu_ids] = h[host_ids].to(self.device, non_blocking=True)
+
+    def _copy(self, pairs: np.ndarray) -> None:
+        if len(pairs) == 0:
+            return
+        src = torch.from_numpy(np.ascontiguousarray(pairs[:, 0])).to(self.device)
+        dst = torch.from_numpy(np.ascontiguousarray(pairs[:, 1])).to(self.device)
+        for k, v in self.kv_caches:
+            k[dst] = k[src]
+            v[dst] = v[src]
+
+
+def _meta_for_one_prefill(n: int, block_size: int, device: torch.device) -> AttentionMetadata:
+    """A single n-token prefill over blocks 0.. (for memory profiling)."""
+    qsl = torch.tensor([0, n], dtype=torch.int32)
+    lens = torch.tensor([n], dtype=torch.int32)
+    blocks = (n + block_size - 1) // block_size
+    return AttentionMetadata(
+        slot_mapping=torch.arange(n, device=device),
+        query_start_loc=qsl.to(device), seq_lens=lens.to(device),
+        block_table=torch.arange(blocks, dtype=torch.int32, device=device).unsqueeze(0),
+        num_decodes=0, max_query_len=n, max_seq_len=n,
+        query_start_loc_cpu=qsl, seq_lens_cpu=lens)

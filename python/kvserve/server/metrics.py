@@ -1,0 +1,297 @@
+"""Prometheus metrics: engine load at scrape time, per-request latencies, per-step batch.
+
+A private CollectorRegistry (not the process-global one) so several servers can live in
+one process (tests) and nothing unrelated leaks into the scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+from prometheus_client.registry import Collector
+
+log = logging.getLogger(__name__)
+
+REJECT_REASONS = (
+    "at_capacity",
+    "too_large",
+    "invalid_argument",
+    "already_exists",
+    "unauthenticated",
+    "draining",
+)
+FINISH_REASONS = ("stop", "length", "abort", "cancelled", "error")
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+_TOKEN_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384 tokens per step
+
+# Dense bf16 tensor FLOP/s and HBM bytes/s from the vendors' datasheets; the ridge point is
+# their ratio: a step whose FLOP per byte is below it is memory-bound.
+_DEVICE_PEAKS = (
+    ("H200", 989e12, 4.8e12),
+    ("H100 PCIe", 756e12, 2.0e12),
+    ("H100", 989e12, 3.35e12),
+    ("A100", 312e12, 2.039e12),
+    ("L40S", 362e12, 0.864e12),
+)
+
+
+def ridge_point(device_name: str | None) -> float:
+    """FLOP per byte at which the device turns compute-bound; NaN when not known."""
+    for key, flops, bandwidth in _DEVICE_PEAKS:
+        if device_name and key in device_name:
+            return flops / bandwidth
+    return math.nan
+
+
+class _LoadCollector(Collector):
+    """Reads engine.load() when scraped, so gauges are never staler than the scrape."""
+
+    def __init__(self, load: Callable[[], Mapping[str, Any]]) -> None:
+        self._load = load
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            load = self._load()
+        except Exception:  # a scrape must not fail because the engine is shutting down
+            log.debug("engine.load() failed during a scrape", exc_info=True)
+            return
+        usage = GaugeMetricFamily(
+            "kvserve_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use", labels=["pool"]
+        )
+        usage.add_metric(["gpu"], float(load.get("kv_usage", 0.0)))
+        usage.add_metric(["host"], float(load.get("host_kv_usage", 0.0)))
+        yield usage
+        for state in ("running", "waiting", "swapped"):
+            yield GaugeMetricFamily(
+                f"kvserve_num_requests_{state}",
+                f"Requests {state} in the engine",
+                value=float(load.get(state, 0)),
+            )
+        yield GaugeMetricFamily(
+            "kvserve_admitting",
+            "1 when a new request would be queued now",
+            value=1.0 if load.get("admitting", False) else 0.0,
+        )
+        for key, name, doc in (
+            (
+                "prefix_queries_tokens",
+                "kvserve_prefix_cache_queries_tokens",
+                "Prompt tokens looked up in the prefix cache",
+            ),
+            (
+                "prefix_hits_tokens",
+                "kvserve_prefix_cache_hits_tokens",
+                "Prompt tokens found in the prefix cache",
+            ),
+            (
+                "recomputed_tokens",
+                "kvserve_recomputed_tokens",
+                "Tokens computed again after preemption or eviction",
+            ),
+        ):
+            if key in load:
+                yield CounterMetricFamily(name, doc, value=float(load[key]))
+        preempt = CounterMetricFamily(
+            "kvserve_preemptions", "Sequences preempted, by mode", labels=["mode"]
+        )
+        for mode in ("recompute", "swap"):
+            preempt.add_metric([mode], float(load.get(f"preemptions_{mode}", 0)))
+        yield preempt
+        blocks = GaugeMetricFamily(
+            "kvserve_gpu_kv_blocks", "GPU KV-cache blocks by state", labels=["state"]
+        )
+        for state in ("free", "used", "cached"):
+            if f"gpu_blocks_{state}" in load:
+                blocks.add_metric([state], float(load[f"gpu_blocks_{state}"]))
+        yield blocks
+
+
+class ServerMetrics:
+    """Everything the server exports. Step and request hooks are cheap and thread-safe."""
+
+    def __init__(
+        self,
+        load: Callable[[], Mapping[str, Any]],
+        ridge: float,
+        in_flight: Callable[[], int],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        r.register(_LoadCollector(load))
+        self.prompt_tokens = Counter(
+            "kvserve_prompt_tokens", "Prompt tokens computed by the engine (prefill)", registry=r
+        )
+        self.generation_tokens = Counter(
+            "kvserve_generation_tokens", "Tokens generated and streamed to clients", registry=r
+        )
+        self.tokens_per_step = Histogram(
+            "kvserve_tokens_per_step",
+            "Tokens in each engine step (batch size in tokens)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.seqs_per_step = Histogram(
+            "kvserve_seqs_per_step",
+            "Sequences in each engine step",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.step_duration = Histogram(
+            "kvserve_step_duration_seconds",
+            "Wall time of each engine step",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "kvserve_time_to_first_token_seconds",
+            "Arrival to first token streamed",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "kvserve_inter_token_latency_seconds",
+            "Time between streamed tokens",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "kvserve_e2e_request_latency_seconds",
+            "Arrival to the last message of a request",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "kvserve_request_queue_time_seconds",
+            "Arrival to the start of the engine step that produced the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            "kvserve_requests_rejected",
+            "Requests refused before any work, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.finished = Counter(
+            "kvserve_requests_finished", "Requests ended, by reason", ["reason"], registry=r
+        )
+        for reason in FINISH_REASONS:
+            self.finished.labels(reason)
+        self.intensity = Gauge(
+            "kvserve_step_arithmetic_intensity_flop_per_byte",
+            "Last step's estimated FLOP per byte moved (model dimensions x batch)",
+            registry=r,
+        )
+        self.ridge = Gauge(
+            "kvserve_device_ridge_point_flop_per_byte",
+            "Device peak FLOP/s over peak bytes/s (NaN when unknown); compare the step's "
+            "arithmetic intensity with it",
+            registry=r,
+        )
+        self.ridge.set(ridge)
+        self.in_flight = Gauge("kvserve_in_flight_streams", "Open Generate streams", registry=r)
+        self.in_flight.set_function(lambda: float(in_flight()))
+        self._last_step_start = 0.0
+        self._lock = threading.Lock()
+
+    def on_step(self, stats: Any) -> None:
+        """Engine step listener (called on the engine's thread after every step)."""
+        now = time.monotonic()
+        with self._lock:
+            self._last_step_start = now - float(stats.duration_s)
+        self.prompt_tokens.inc(int(stats.num_prefill_tokens))
+        self.tokens_per_step.observe(int(stats.num_tokens))
+        self.seqs_per_step.observe(int(stats.num_seqs))
+        self.step_duration.observe(float(stats.duration_s))
+        if stats.bytes_estimate and stats.bytes_estimate > 0:
+            self.intensity.set(float(stats.flops_estimate) / float(stats.bytes_estimate))
+
+    def last_step_start(self) -> float:
+        with self._lock:
+            return self._last_step_start
+
+
+class RequestTimer:
+    """Latencies of one stream, observed into ServerMetrics as tokens go out."""
+
+    def __init__(self, metrics: ServerMetrics) -> None:
+        self._m = metrics
+        self.arrival = time.monotonic()
+        self._last_token: float | None = None
+
+    def tokens_sent(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.monotonic()
+        if self._last_token is None:
+            self._m.ttft.observe(now - self.arrival)
+            # the first token came out of the latest step: it waited until that step began
+            self._m.queue_time.observe(max(0.0, min(now, self._m.last_step_start()) - self.arrival))
+        else:
+            # a delta carrying k tokens spreads its gap over them
+            gap = (now - self._last_token) / n
+            for _ in range(n):
+                self._m.itl.observe(gap)
+        self._last_token = now
+        self._m.generation_tokens.inc(n)
+
+    def done(self, reason: str) -> None:
+        self._m.e2e.observe(time.monotonic() - self.arrival)
+        self._m.finished.labels(reason if reason in FINISH_REASONS else "abort").inc()
+
+
+class _HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class MetricsHTTPServer:
+    """The /metrics endpoint on its own thread (prometheus text format)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        server_cls = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+        self._httpd = server_cls((host.strip("[]"), port), MetricsHandler.factory(registry))
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="kvserve-metrics", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

@@ -1,0 +1,207 @@
+"""The kvserve.v1.KvServe service on top of the AsyncEngine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import grpc
+
+from kvserve import __version__
+from kvserve._core import AtCapacityError, RequestTooLargeError
+from kvserve.sampling import SamplingParams
+from kvserve.server import convert
+from kvserve.server.metrics import RequestTimer, ServerMetrics
+from kvserve.server.proto import pb
+from kvserve.server.proto.decode import BadRequest
+from kvserve.server.retry import RetryAfterEstimator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """Streams in flight and whether the server is draining for shutdown."""
+
+    draining: bool = False
+    live: set[str] = field(default_factory=set)
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def add(self, request_id: str) -> None:
+        self.live.add(request_id)
+        self.idle.clear()
+
+    def remove(self, request_id: str) -> None:
+        self.live.discard(request_id)
+        if not self.live:
+            self.idle.set()
+
+
+class KvServeServicer:
+    def __init__(
+        self,
+        engine: Any,
+        metrics: ServerMetrics,
+        state: ServerState,
+        retry: RetryAfterEstimator,
+        device: str = "",
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.state = state
+        self.retry = retry
+        self.device = device
+
+    async def _reject(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str
+    ) -> NoReturn:
+        self.metrics.rejected.labels(reason).inc()
+        await context.abort(code, message)
+        raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+    async def _load(self) -> dict[str, Any]:
+        # the engine takes its core lock: never wait for it on the event loop
+        return await asyncio.to_thread(self.engine.load)
+
+    async def _at_capacity(
+        self, context: grpc.aio.ServicerContext, exc: Exception, reason: str
+    ) -> NoReturn:
+        try:
+            load = await self._load()
+            ahead = int(load.get("waiting", 0)) + int(load.get("running", 0))
+        except Exception:  # the refusal matters more than the estimate
+            log.debug("engine.load() failed; estimating retry-after from streams", exc_info=True)
+            ahead = len(self.state.live)
+        context.set_trailing_metadata((("retry-after", str(self.retry.seconds(ahead))),))
+        message = str(exc) if str(exc).startswith("at capacity") else f"at capacity: {exc}"
+        await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason)
+
+    async def Generate(self, request: pb.GenerateRequest | BadRequest, context: Any) -> None:
+        INVALID = grpc.StatusCode.INVALID_ARGUMENT
+        if isinstance(request, BadRequest):
+            await self._reject(context, INVALID, request.message, "invalid_argument")
+        if self.state.draining:
+            await self._reject(
+                context, grpc.StatusCode.UNAVAILABLE, "server is shutting down", "draining"
+            )
+        try:
+            req = convert.to_engine_request(request)
+        except ValueError as exc:
+            await self._reject(context, INVALID, str(exc), "invalid_argument")
+        try:
+            params = SamplingParams(**req.sampling)
+        except (ValueError, TypeError) as exc:
+            await self._reject(context, INVALID, convert.sampling_error(exc), "invalid_argument")
+        if req.request_id in self.state.live:
+            await self._reject(
+                context,
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request_id: {req.request_id!r} is already in flight",
+                "already_exists",
+            )
+
+        rid = req.request_id
+        self.state.add(rid)
+        timer = RequestTimer(self.metrics)
+        stream = self.engine.generate(
+            req.prompt,
+            params,
+            request_id=rid,
+            prompt_token_ids=req.prompt_token_ids,
+            messages=req.messages,
+            cache_salt=req.cache_salt,
+        )
+        finished, reason, admitted = False, "cancelled", False
+        try:
+            try:
+                out = await anext(stream)
+            except AtCapacityError as exc:
+                await self._at_capacity(context, exc, "at_capacity")
+            except RequestTooLargeError as exc:
+                # Larger than this replica's whole KV pool: for a router that is "at
+                # capacity here" (another replica may be larger), not a bad request.
+                await self._at_capacity(context, exc, "too_large")
+            except ValueError as exc:  # incl. the core's InvalidRequestError
+                message = convert.sampling_error(exc)
+                await self._reject(context, INVALID, message, "invalid_argument")
+            admitted = True
+            while True:
+                if out.finish_reason == "error":
+                    # the engine failed this request (others go on): after what was streamed
+                    reason = "error"
+                    await context.abort(
+                        grpc.StatusCode.INTERNAL, f"generation failed: {out.error or 'unknown'}"
+                    )
+                await context.write(convert.to_response(out))
+                timer.tokens_sent(len(out.token_ids or ()))
+                if out.finished:
+                    finished, reason = True, out.finish_reason or "stop"
+                    break
+                try:
+                    out = await anext(stream)
+                except StopAsyncIteration:
+                    raise RuntimeError("engine stream ended without a final output") from None
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception:
+            reason = "error"
+            log.exception("request %s failed", rid)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        finally:
+            if not finished:
+                # cancel, disconnect, deadline, error: free its KV blocks now
+                self.engine.abort(rid)
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+            self.state.remove(rid)
+            if admitted:
+                timer.done(reason)
+                self.retry.finished()
+
+    async def Tokenize(self, request: pb.TokenizeRequest | BadRequest, context: Any) -> Any:
+        INVALID = grpc.StatusCode.INVALID_ARGUMENT
+        if isinstance(request, BadRequest):
+            await self._reject(context, INVALID, request.message, "invalid_argument")
+        try:
+            text, messages = convert.tokenize_input(request)
+            add_special = (
+                request.add_special_tokens if request.HasField("add_special_tokens") else None
+            )
+            ids = await asyncio.to_thread(self._tokenize, text, messages, add_special)
+        except ValueError as exc:
+            await self._reject(context, INVALID, str(exc), "invalid_argument")
+        return pb.TokenizeResponse(token_ids=ids)
+
+    def _tokenize(
+        self, text: str | None, messages: list[dict[str, str]] | None, add_special: bool | None
+    ) -> list[int]:
+        tok = self.engine.tokenizer
+        if messages is not None:
+            # the rendered template carries its own special tokens (BOS), as in generation
+            return list(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
+        add = True if add_special is None else add_special
+        return list(tok.encode(text, add_special_tokens=add))
+
+    async def ModelInfo(self, request: Any, context: Any) -> pb.ModelInfoResponse:
+        info = self.engine.model_info
+        vocab = info.get("vocab_size") or self.engine.tokenizer.vocab_size
+        return pb.ModelInfoResponse(
+            model=str(info.get("model", "")),
+            max_model_len=int(info.get("max_model_len", 0)),
+            block_size=int(info.get("block_size", 0)),
+            dtype=str(info.get("dtype", "")),
+            device=str(info.get("device") or self.device),
+            vocab_size=int(vocab),
+            kvserve_version=__version__,
+        )
+
+    async def GetLoad(self, request: Any, context: Any) -> pb.GetLoadResponse:
+        resp = convert.to_load(await self._load(), in_flight=len(self.state.live))
+        resp.admitting = resp.admitting and not self.state.draining
+        return resp

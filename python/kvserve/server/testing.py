@@ -1,0 +1,176 @@
+"""Run `kvserve serve` in a subprocess on free loopback ports (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+KVSERVE_SERVE = ("kvserve.cli", "serve")
+KVSERVE_SERVER = ("kvserve.server.main",)  # the kvserve-server console script
+_LISTEN = re.compile(r"kvserve gRPC listening on (\S+):(\d+) ")
+_METRICS = re.compile(r"kvserve metrics on (http://\S+/metrics)")
+
+
+@dataclass
+class ServerProcess:
+    """`python -m kvserve.cli serve ARGS --port 0 --metrics-port 0`, ports read from its log.
+
+    `command` picks the entry point: KVSERVE_SERVE or KVSERVE_SERVER (the same server).
+    """
+
+    args: Sequence[str]
+    command: Sequence[str] = KVSERVE_SERVE
+    env: dict[str, str] | None = None
+    start_timeout_s: float = 120.0
+    proc: subprocess.Popen[str] | None = None
+    port: int = 0
+    metrics_url: str = ""
+    lines: list[str] = field(default_factory=list)
+    _ready: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            *self.command,
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *self.args,
+        ]
+        env = {**os.environ, **(self.env or {})}
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+        )
+        threading.Thread(target=self._read_log, daemon=True).start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("kvserve serve did not start:\n" + self.log())
+        return self
+
+    def _read_log(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if m := _LISTEN.search(line):
+                self.port = int(m.group(2))
+            if m := _METRICS.search(line):
+                self.metrics_url = m.group(1)
+            if self.port and (self.metrics_url or "--metrics-port" in self.args):
+                self._ready.set()
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def channel(
+        self,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, object]] = (),
+        aio: bool = False,
+    ) -> grpc.Channel | grpc.aio.Channel:
+        opts = list(options)
+        if credentials is not None:  # the test certificate is for "localhost"
+            opts.append(("grpc.ssl_target_name_override", "localhost"))
+        if aio:
+            if credentials is not None:
+                return grpc.aio.secure_channel(self.target, credentials, options=opts)
+            return grpc.aio.insecure_channel(self.target, options=opts)
+        if credentials is not None:
+            return grpc.secure_channel(self.target, credentials, options=opts)
+        return grpc.insecure_channel(self.target, options=opts)
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait for the drain; kill if it hangs. The exit status."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        return int(self.proc.returncode)
+
+    def __enter__(self) -> ServerProcess:  # noqa: PYI034 (typing.Self needs 3.11)
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()
+
+
+def write_self_signed(directory: Path, host: str = "localhost") -> tuple[Path, Path]:
+    """A throwaway certificate for `host` (and 127.0.0.1); needs the `cryptography` package."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "server.crt", directory / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path

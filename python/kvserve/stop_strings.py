@@ -1,0 +1,45 @@
+"""Stop strings: end on a match, never emitting the stop string or a partial prefix of it."""
+
+from __future__ import annotations
+
+
+class StopStringMatcher:
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""  # all decoded output text so far
+        self.emitted = 0  # how much of it has been released
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit now, whether a stop string matched)."""
+        if not self.stops:
+            self.text += delta
+            self.emitted = len(self.text)
+            return delta, False
+        start = max(0, len(self.text) - self.longest + 1)  # a match must touch the new text
+        self.text += delta
+        hit = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0),
+                  default=-1)
+        if hit >= 0:
+            out = self.text[self.emitted:hit] if hit > self.emitted else ""
+            self.text = self.text[:hit]
+            self.emitted = len(self.text)
+            return out, True
+        safe = len(self.text) - self._held_suffix()
+        out = self.text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return out, False
+
+    def flush(self) -> str:
+        """The request ended another way: release what was held back."""
+        out = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return out
+
+    def _held_suffix(self) -> int:
+        """Length of the longest tail of the text that begins some stop string."""
+        for n in range(min(self.longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
