@@ -177,3 +177,21 @@ def test_full_context_starts_a_fresh_conversation_keeping_the_turn_count() -> No
     nxt = w.follow_up(first, list(range(300 - len(first.prompt_token_ids))))
     assert nxt is not None and nxt.turn == 0 and nxt.turns_left == first.turns_left - 1
     assert nxt.conversation != first.conversation and nxt.request_id != first.request_id
+
+
+def test_kvserve_bench_against_a_running_server(tiny_llama_dir, tmp_path) -> None:
+    """`kvserve bench --server`: the same report, the load sent over gRPC."""
+    from kvserve.cli import main
+    from kvserve.server.testing import ServerProcess
+
+    flags = ["--model", str(tiny_llama_dir), "--device", "cpu", "--max-model-len", "256",
+             "--kv-cache-memory", "4MiB"]
+    with ServerProcess(flags).start() as server:
+        out = tmp_path / "bench"
+        rc = main(["bench", "--server", server.target, "--workload", "multiturn",
+                   "--turns", "2", "--think-time", "0.01", "--num-requests", "6",
+                   "--rate", "50", "--out", str(out), "--no-plots"])
+        assert rc == 0, server.log()
+    (summary,) = json.loads((out / "results.json").read_text())["summaries"]
+    assert summary["completed"] == summary["requests"] == 6
+    assert summary["prefix_hit_rate"] > 0

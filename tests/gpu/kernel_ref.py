@@ -158,3 +158,20 @@ def max_row_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Worst per-token relative error: a few wrong rows cannot hide in a large batch."""
     diff = (out.float() - ref).flatten(1).norm(dim=1)
     return float((diff / ref.flatten(1).norm(dim=1).clamp_min(1e-6)).max())
+
+
+TOL = 1e-2  # relative norm error vs fp32, bf16/fp16 operands
+ROW_TOL = 2e-2
+
+
+def check_against_reference(b: Batch, out: torch.Tensor) -> int:
+    """Every real output row written and within tolerance of the fp32 reference; -> rows."""
+    n_real = int(b.meta.query_start_loc_cpu[-1])
+    ref = ref_attention(
+        b.q, b.k_cache, b.v_cache, b.layout, b.meta, b.block_size, b.q.shape[-1] ** -0.5
+    )
+    got = out[:n_real]
+    assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output rows remain"
+    err, row_err = rel_err(got, ref[:n_real]), max_row_rel_err(got, ref[:n_real])
+    assert err < TOL and row_err < ROW_TOL, f"rel err {err:.2e}, worst row {row_err:.2e}"
+    return n_real

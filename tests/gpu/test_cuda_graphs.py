@@ -11,9 +11,17 @@ from test_engine_cuda import TIE, _tiny_model
 def _llm(model_dir, enforce_eager: bool, dtype: str = "float16"):
     from kvserve import LLM
 
-    return LLM(model=str(model_dir), attention_backend="cuda", dtype=dtype,
-               gpu_memory_utilization=0.3, max_num_batched_tokens=512, max_model_len=1024,
-               max_num_seqs=24, block_size=16, enforce_eager=enforce_eager)
+    return LLM(
+        model=str(model_dir),
+        attention_backend="cuda",
+        dtype=dtype,
+        gpu_memory_utilization=0.3,
+        max_num_batched_tokens=512,
+        max_model_len=1024,
+        max_num_seqs=24,
+        block_size=16,
+        enforce_eager=enforce_eager,
+    )
 
 
 def _prompts(vocab: int, lengths: list[int], seed: int) -> list[list[int]]:

@@ -253,6 +253,39 @@ def _validate_attention(
     return Hq, D, Hkv, (sb, st, sh, block_size)
 
 
+def _paged_args(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: str,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    seq_begin: int,
+) -> list[tuple[int, object]]:
+    """The leading kernel parameters both attention kernels share, in their order."""
+    sb, st, sh, _ = cache_strides(k_cache, layout)
+    bt_row = block_table.stride(0)
+    return [
+        (q.data_ptr(), PTR),
+        (q.stride(0), I64),
+        (q.stride(1), I64),
+        (k_cache.data_ptr(), PTR),
+        (v_cache.data_ptr(), PTR),
+        (sb, I64),
+        (st, I64),
+        (sh, I64),
+        (block_table.data_ptr() + seq_begin * bt_row * 4, PTR),
+        (bt_row, I32),
+        (query_start_loc.data_ptr() + seq_begin * 4, PTR),
+        (seq_lens.data_ptr() + seq_begin * 4, PTR),
+        (out.data_ptr(), PTR),
+        (out.stride(0), I64),
+        (out.stride(1), I64),
+    ]
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -280,7 +313,7 @@ def paged_attention(
     nseq = seq_end - seq_begin
     if nseq <= 0 or max_query_len <= 0:
         return
-    Hq, D, Hkv, (sb, st, sh, block_size) = _validate_attention(
+    Hq, D, Hkv, (_, _, _, block_size) = _validate_attention(
         q, k_cache, v_cache, layout, block_table, query_start_loc, seq_lens, out, seq_end
     )
     _require(q.stride(0) % 2 == 0 and q.stride(1) % 2 == 0, "q strides must be even (4-byte rows)")
@@ -326,26 +359,13 @@ def paged_attention(
         part_tokens = nseq
         part_o = torch.empty((num_splits, nseq, Hq, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_splits, nseq, Hq), dtype=torch.float32, device=q.device)
-    bt_row = block_table.stride(0)
     attn.launch(
         (n_qtiles * num_splits, Hkv, nseq),
         (config.threads(), 1, 1),
         [
-            (q.data_ptr(), PTR),
-            (q.stride(0), I64),
-            (q.stride(1), I64),
-            (k_cache.data_ptr(), PTR),
-            (v_cache.data_ptr(), PTR),
-            (sb, I64),
-            (st, I64),
-            (sh, I64),
-            (block_table.data_ptr() + seq_begin * bt_row * 4, PTR),
-            (bt_row, I32),
-            (query_start_loc.data_ptr() + seq_begin * 4, PTR),
-            (seq_lens.data_ptr() + seq_begin * 4, PTR),
-            (out.data_ptr(), PTR),
-            (out.stride(0), I64),
-            (out.stride(1), I64),
+            *_paged_args(
+                q, k_cache, v_cache, layout, block_table, query_start_loc, seq_lens, out, seq_begin
+            ),
             (part_o.data_ptr() if part_o is not None else 0, PTR),
             (part_lse.data_ptr() if part_lse is not None else 0, PTR),
             (token_base, I32),
@@ -461,26 +481,13 @@ def paged_prefill_sm90(
         "paged_prefill_sm90.cu", "paged_prefill_sm90", defines, _sm90_smem_bytes(stages), dev
     )
     n_qtiles = math.ceil(max_query_len * group / SM90_PREFILL_BM)
-    bt_row = block_table.stride(0)
     kern.launch(
         (n_qtiles, Hkv, nseq),
         (256, 1, 1),
         [
-            (q.data_ptr(), PTR),
-            (q.stride(0), I64),
-            (q.stride(1), I64),
-            (k_cache.data_ptr(), PTR),
-            (v_cache.data_ptr(), PTR),
-            (sb, I64),
-            (st, I64),
-            (sh, I64),
-            (block_table.data_ptr() + seq_begin * bt_row * 4, PTR),
-            (bt_row, I32),
-            (query_start_loc.data_ptr() + seq_begin * 4, PTR),
-            (seq_lens.data_ptr() + seq_begin * 4, PTR),
-            (out.data_ptr(), PTR),
-            (out.stride(0), I64),
-            (out.stride(1), I64),
+            *_paged_args(
+                q, k_cache, v_cache, layout, block_table, query_start_loc, seq_lens, out, seq_begin
+            ),
             (block_size, I32),
             (block_size.bit_length() - 1, I32),
             (scale * _LOG2E, F32),
