@@ -75,12 +75,14 @@ async def _bench(args: argparse.Namespace) -> int:
     try:
         vocab, max_len = await client.limits()
         summaries, runs = [], []
-        for rate in rates:
+        for i, rate in enumerate(rates):
+            # A seed per rate: a sweep's later runs must not hit the cache of earlier ones.
+            seed = args.seed + i
             workload = Workload(
                 args.workload,
                 vocab,
                 max_len,
-                seed=args.seed,
+                seed=seed,
                 think_time_s=args.think_time,
                 turns=args.turns,
             )
@@ -92,7 +94,7 @@ async def _bench(args: argparse.Namespace) -> int:
                     args.num_requests,
                     rate,
                     args.concurrency,
-                    args.seed,
+                    seed,
                     on_done=lambda _r: bar.update(1),
                 )
             runs.append(run)
@@ -118,8 +120,10 @@ async def _bench(args: argparse.Namespace) -> int:
         try:
             written = report.write_plots(out, summaries, runs)
         except ModuleNotFoundError as exc:  # matplotlib is the optional [bench] extra
-            print(f"no plots: {exc.name} is not installed (pip install 'kvserve[bench]')",
-                  file=sys.stderr)
+            print(
+                f"no plots: {exc.name} is not installed (pip install 'kvserve[bench]')",
+                file=sys.stderr,
+            )
     print(report.format_table(summaries))
     print(f"wrote {out / 'results.json'}" + "".join(f", {p}" for p in written))
     return 0 if all(s.completed for s in summaries) else 1
