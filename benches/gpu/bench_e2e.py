@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_attention import copy_bandwidth, matmul_rate
 
 LLAMA3_8B = {
     "vocab_size": 128256,
@@ -40,33 +41,6 @@ LLAMA3_8B = {
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.randn(1 << 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / _time(lambda: dst.copy_(src))
-
-
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    return 2 * 8192**3 / _time(lambda: a @ b)
-
-
-def _time(fn, reps: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return float(np.median(times))
 
 
 def build_hf(shapes: dict, device: str = "cuda"):
@@ -254,7 +228,8 @@ def main() -> None:
         hf_model = build_hf(shapes, "cpu").float()
     else:
         card = torch.cuda.get_device_name()
-        copy_bw, mm_rate = copy_bandwidth(), matmul_rate()
+        # The ceilings, measured the same way as for the attention kernels (TB/s, TFLOP/s).
+        copy_bw, mm_rate = copy_bandwidth() * 1e12, matmul_rate() * 1e12
         hf_model = build_hf(shapes)
     print(f"{card}: copy {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
 

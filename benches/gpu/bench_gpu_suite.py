@@ -18,7 +18,7 @@ import torch
 if not torch.cuda.is_available():
     pytest.skip("GPU benchmarks: no CUDA device", allow_module_level=True)
 
-from bench_attention import paged_cache
+from bench_attention import causal_pairs, paged_cache
 from bench_e2e import LLAMA3_8B, build_hf, build_kvserve, step
 
 from kvserve.kernels import ops
@@ -98,8 +98,7 @@ def test_paged_prefill_attention(benchmark, batch: int, new: int, ctx: int) -> N
             )
 
     benchmark.pedantic(_synced(call), rounds=10, iterations=3, warmup_rounds=1)
-    # causal, bottom-right: new token i attends ctx - new + i + 1 keys
-    pairs = batch * (new * (ctx - new) + new * (new + 1) // 2)
+    pairs = batch * causal_pairs(new, ctx)
     benchmark.extra_info["TFLOP/s"] = 4 * HQ * D * pairs / benchmark.stats.stats.median / 1e12
 
 
