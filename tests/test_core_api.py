@@ -88,6 +88,26 @@ def test_plan_arrays_dtypes_shapes_and_values() -> None:
     core.check_invariants()
 
 
+def test_plan_block_tables_are_read_only_and_stay_as_issued() -> None:
+    # Tables live in recycled buffers; a plan that is still referenced keeps its own.
+    rng = np.random.default_rng(7)
+    core = Core(num_gpu_blocks=512, block_size=4, max_num_seqs=16, max_num_batched_tokens=64)
+    for i in range(12):
+        core.add_request(f"r{i}", rng.integers(0, 100, size=int(rng.integers(1, 30))),
+                         max_tokens=int(rng.integers(1, 40)), ignore_eos=True)
+    kept: list[tuple[object, np.ndarray]] = []
+    while core.has_unfinished():
+        plan = core.schedule()
+        with pytest.raises(ValueError, match="read-only"):
+            plan.block_table[...] = 0
+        for old, table in kept:
+            np.testing.assert_array_equal(old.block_table, table)
+        if rng.random() < 0.3:
+            kept.append((plan, plan.block_table.copy()))
+        core.commit(plan.id, rng.integers(0, 100, size=plan.num_samples))
+    assert len(kept) > 3
+
+
 def test_prompt_accepts_lists_tuples_and_int_arrays() -> None:
     core = Core(num_gpu_blocks=16, block_size=4)
     core.add_request("list", [1, 2, 3], max_tokens=1)

@@ -47,6 +47,10 @@ class Sim:
     tokens: dict[int, list[int]] = field(default_factory=dict)
     ids: dict[str, int] = field(default_factory=dict)
     finished: dict[str, str] = field(default_factory=dict)
+    # Plans kept alive for a few steps, with a copy of their block table: the binding
+    # recycles table buffers, and must never reuse one that a live plan still shows.
+    held: list[tuple[Plan, np.ndarray]] = field(default_factory=list)
+    steps: int = 0
 
     def __post_init__(self) -> None:
         bs = self.core.block_size
@@ -93,6 +97,13 @@ class Sim:
 
     def step(self) -> Plan:
         plan = self.core.schedule()
+        for old, table in self.held:
+            np.testing.assert_array_equal(old.block_table, table, err_msg="a held plan changed")
+        self.steps += 1
+        if self.steps % 3 == 0:
+            self.held.append((plan, plan.block_table.copy()))
+        if len(self.held) > 4 or self.steps % 5 == 0:
+            self.held = self.held[1:]
         sampled = self.execute(plan)
         out = self.core.commit(plan.id, sampled)
         for h, t in zip(out.handles, out.token_ids):

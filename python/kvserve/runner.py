@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,11 @@ from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.model import Checkpoint, build_model
 
 log = logging.getLogger(__name__)
+
+# A plan's block table is a read-only view of a buffer the core recycles; torch only reads
+# it (to copy it to the device), so its one-time "not writable" warning says nothing here.
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
+                        category=UserWarning)
 
 
 class ModelRunner:

@@ -2,8 +2,9 @@
 //! contexts sharing a 512-token prefix: the Rust half of benches/bench_core.py, without
 //! Python, for profiling (`perf record ./target/release/examples/step_cost 4096`).
 //!
-//! Prints the minimum and median of the whole step (the plan is dropped inside it, as the
-//! Python benchmark's is), of `schedule` and of `commit`. On a shared box compare builds
+//! Prints the minimum and median of the whole step, of `schedule` (including the plan's
+//! block table synced into one of two recycled buffers, as the Python binding does) and
+//! of `commit`. On a shared box compare builds
 //! by interleaving their runs and looking at minimums.
 //!
 //! Run: cargo run --release --example step_cost -- [num_seqs] [steps]
@@ -62,9 +63,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let tokens: Vec<i64> = (0..n).map(|_| rnd()).collect();
     let (mut sched, mut commit, mut total) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..steps {
+    // The binding's recycled plan tables (one held by the last plan, one being filled).
+    let mut tables: [(Vec<i32>, Option<u64>); 2] = [(Vec::new(), None), (Vec::new(), None)];
+    for step in 0..steps {
         let t0 = Instant::now();
         let plan = s.schedule()?;
+        let want = plan.num_seqs * plan.max_blocks;
+        let (buf, stamp) = &mut tables[step % 2];
+        if buf.len() < want {
+            *buf = vec![0; want + want / 4];
+            *stamp = None;
+        }
+        *stamp = Some(s.sync_block_table(&mut buf[..want], *stamp)?);
         let t1 = Instant::now();
         s.commit(plan.id, &tokens)?;
         let t2 = Instant::now();

@@ -6,8 +6,13 @@
 //! on cache misses. Here the next table is built in place over the last one: a row whose
 //! sequence sat in the same row last time only gets its new blocks written; a sequence
 //! that moved up (an earlier row finished) has its old row moved with one `copy_within`;
-//! anything else is written from the request's block list. The plan then takes one
-//! contiguous copy (numpy must own its array, and the next step edits this one).
+//! anything else is written from the request's block list.
+//!
+//! The plan's own table is a copy kept in a caller's buffer (the binding recycles numpy
+//! buffers that Python no longer references). Every write stamps its row with the step,
+//! so `sync_into` brings a buffer last synced at step k up to date by copying only the
+//! rows written since k: a steady decode batch copies a handful of rows per step instead
+//! of the whole [num_seqs, max_blocks] table.
 //!
 //! A row is reused only when its key matches: the request's handle (unique for the life
 //! of the core) and its block generation, which the scheduler bumps whenever it clears a
@@ -37,18 +42,27 @@ pub(crate) struct BatchTable {
     last: Vec<i32>,
     /// Row each request slot had in the last table (NO_ROW if none); checked by key.
     row_of_slot: Vec<u32>,
+    /// Step of this table (`begin` counts them from 1).
+    stamp: u64,
+    /// Step in which each row was last written.
+    row_stamp: Vec<u64>,
+    /// Step in which the stride last changed: a buffer synced before it is rewritten whole.
+    layout_stamp: u64,
 }
 
 impl BatchTable {
     /// Starts a table of `num_rows` rows and `stride` columns. A new stride drops every
     /// row (their layout no longer fits); otherwise rows are kept for `set_row`.
     pub fn begin(&mut self, num_rows: usize, stride: usize, num_slots: usize) {
+        self.stamp += 1;
         if stride != self.stride {
             self.stride = stride;
+            self.layout_stamp = self.stamp;
             self.table.clear();
             self.keys.clear();
             self.lens.clear();
             self.last.clear();
+            self.row_stamp.clear();
         }
         if self.row_of_slot.len() < num_slots {
             self.row_of_slot.resize(num_slots, NO_ROW);
@@ -65,6 +79,7 @@ impl BatchTable {
             );
             self.lens.resize(num_rows, 0);
             self.last.resize(num_rows, -1);
+            self.row_stamp.resize(num_rows, self.stamp);
         }
     }
 
@@ -107,6 +122,7 @@ impl BatchTable {
             row[num_blocks..].fill(-1);
             (0, -1)
         };
+        self.row_stamp[i] = self.stamp;
         self.last[i] = last;
         if have < num_blocks {
             let row = &mut self.table[i * stride..(i + 1) * stride];
@@ -133,13 +149,39 @@ impl BatchTable {
         }
     }
 
-    /// Drops rows past `num_rows` and returns a copy of the table for the plan.
-    pub fn finish(&mut self, num_rows: usize) -> Vec<i32> {
+    /// Drops rows past `num_rows`: the table is now the plan's, [num_rows, stride].
+    pub fn finish(&mut self, num_rows: usize) {
         self.table.truncate(num_rows * self.stride);
         self.keys.truncate(num_rows);
         self.lens.truncate(num_rows);
         self.last.truncate(num_rows);
-        self.table.clone()
+        self.row_stamp.truncate(num_rows);
+    }
+
+    /// The table, row-major [rows, stride], padded with -1.
+    pub fn as_slice(&self) -> &[i32] {
+        &self.table
+    }
+
+    /// Brings `dst` (exactly the table's length) up to date and returns the stamp to pass
+    /// next time. `since` is the stamp `dst` was last synced at with this table, or None
+    /// if its contents are unknown. A row that was dropped and set again is written at a
+    /// later stamp, so any row not written since `since` is already in `dst`.
+    pub fn sync_into(&self, dst: &mut [i32], since: Option<u64>) -> u64 {
+        debug_assert_eq!(dst.len(), self.table.len());
+        let stride = self.stride;
+        match since {
+            Some(k) if k >= self.layout_stamp && stride > 0 => {
+                for (i, &st) in self.row_stamp.iter().enumerate() {
+                    if st > k {
+                        let row = i * stride..(i + 1) * stride;
+                        dst[row.clone()].copy_from_slice(&self.table[row]);
+                    }
+                }
+            }
+            _ => dst.copy_from_slice(&self.table),
+        }
+        self.stamp
     }
 }
 
@@ -170,6 +212,8 @@ mod tests {
             let mut reqs: Vec<Option<(u64, u32, Vec<u32>)>> = vec![None; num_slots];
             let mut next_handle = 0u64;
             let mut next_block = 0u32;
+            // Recycled plan buffers: contents and the stamp they were synced at.
+            let mut bufs: Vec<(Vec<i32>, Option<u64>)> = vec![(Vec::new(), None); 3];
             for _step in 0..40 {
                 for r in reqs.iter_mut() {
                     match rng.below(10) {
@@ -223,7 +267,23 @@ mod tests {
                         assert_eq!(t.block(i, j), x as i32);
                     }
                 }
-                assert_eq!(t.finish(order.len()), want);
+                t.finish(order.len());
+                assert_eq!(t.as_slice(), want.as_slice());
+                // Every buffer, whenever it was last synced, comes out equal to the table.
+                for buf in bufs.iter_mut() {
+                    if rng.below(3) == 0 {
+                        continue; // this one is still held by a caller
+                    }
+                    let (data, stamp) = buf;
+                    // A buffer is used through its first `want.len()` entries; one too
+                    // small is replaced by a bigger one of unknown contents.
+                    if data.len() < want.len() {
+                        *data = vec![7; want.len() + rng.below(5) as usize];
+                        *stamp = None;
+                    }
+                    *stamp = Some(t.sync_into(&mut data[..want.len()], *stamp));
+                    assert_eq!(&data[..want.len()], want.as_slice());
+                }
             }
         }
     }

@@ -16,8 +16,9 @@ pub struct Plan {
     pub query_start_loc: Vec<i32>,
     /// Context length after this step.
     pub seq_lens: Vec<i32>,
-    /// Row-major [num_seqs, max_blocks], padded with -1.
-    pub block_table: Vec<i32>,
+    /// Columns of the plan's block table. The table itself ([num_seqs, max_blocks],
+    /// row-major, padded with -1) stays in the scheduler until the next `schedule`:
+    /// `Scheduler::block_table` reads it, `Scheduler::sync_block_table` copies it.
     pub max_blocks: usize,
     pub logits_indices: Vec<i64>,
     pub sample_handles: Vec<u64>,

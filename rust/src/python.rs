@@ -1,10 +1,12 @@
 //! PyO3 bindings: `kvserve._core`. The only place core errors become Python exceptions.
-//! Plans and step outputs hand their Vecs to numpy without copying.
+//! Plans and step outputs hand their Vecs to numpy without copying; a plan's block table
+//! is a read-only view of a recycled buffer (`PlanTables`).
 
-use numpy::ndarray::Array2;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
+use numpy::ndarray::{Array2, ArrayView2};
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyKeyError, PyRuntimeError, PyValueError};
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -134,9 +136,7 @@ pub struct PyPlan {
 }
 
 impl PyPlan {
-    fn from_plan(py: Python<'_>, p: Plan) -> PyResult<Self> {
-        let table = Array2::from_shape_vec((p.num_seqs, p.max_blocks), p.block_table)
-            .map_err(|e| PyRuntimeError::new_err(format!("internal: bad block table: {e}")))?;
+    fn from_plan(py: Python<'_>, p: Plan, block_table: Bound<'_, PyArray2<i32>>) -> PyResult<Self> {
         Ok(PyPlan {
             id: p.id,
             num_seqs: p.num_seqs,
@@ -148,7 +148,7 @@ impl PyPlan {
             slot_mapping: p.slot_mapping.into_pyarray(py).unbind(),
             query_start_loc: p.query_start_loc.into_pyarray(py).unbind(),
             seq_lens: p.seq_lens.into_pyarray(py).unbind(),
-            block_table: table.into_pyarray(py).unbind(),
+            block_table: block_table.unbind(),
             logits_indices: p.logits_indices.into_pyarray(py).unbind(),
             sample_handles: p.sample_handles.into_pyarray(py).unbind(),
             swap_out: pairs(py, p.swap_out)?,
@@ -163,7 +163,7 @@ impl PyPlan {
     /// Rows to sample (len(sample_handles)).
     #[getter]
     fn num_samples(&self, py: Python<'_>) -> usize {
-        self.sample_handles.bind(py).len().unwrap_or(0)
+        PyUntypedArrayMethods::len(self.sample_handles.bind(py))
     }
 
     fn __repr__(&self, py: Python<'_>) -> String {
@@ -198,7 +198,7 @@ impl PyStepOutput {
     fn __repr__(&self, py: Python<'_>) -> String {
         format!(
             "StepOutput(num_tokens={}, finished={:?})",
-            self.token_ids.bind(py).len().unwrap_or(0),
+            PyUntypedArrayMethods::len(self.token_ids.bind(py)),
             self.finished_ids
         )
     }
@@ -216,10 +216,109 @@ impl PyStepOutput {
     }
 }
 
+/// Recycled memory for plans' block tables. The table is the plan's biggest array
+/// (num_seqs x max_blocks) and changes by a few rows per step, so instead of a fresh
+/// array per plan each buffer is brought up to date from the rows written since it was
+/// last synced. A buffer is reused only when Python holds no view of it (its reference
+/// count is ours alone); plans get read-only views, so their contents never change under
+/// a caller and the buffer never drifts from what the core synced into it.
+#[derive(Default)]
+struct PlanTables {
+    /// 1-D int32 buffers and the stamp each was last synced at (None: contents unknown).
+    bufs: Vec<(Py<PyArray1<i32>>, Option<u64>)>,
+}
+
+/// True when the pool's reference is the only one (no plan or view holds the buffer).
+fn only_ours(b: &Py<PyArray1<i32>>) -> bool {
+    // SAFETY: reading the reference count of a live object while holding the GIL.
+    unsafe { ffi::Py_REFCNT(b.as_ptr()) == 1 }
+}
+
+/// More buffers than this means a caller keeps many plans alive; extra ones are not kept.
+const MAX_PLAN_TABLES: usize = 8;
+
+impl PlanTables {
+    fn view<'py>(
+        &mut self,
+        py: Python<'py>,
+        core: &Scheduler,
+        rows: usize,
+        cols: usize,
+    ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        let need = rows * cols;
+        // A free buffer that is large enough; the most recently synced copies the least.
+        let free = self
+            .bufs
+            .iter()
+            .enumerate()
+            .filter(|(_, (b, _))| only_ours(b) && PyUntypedArrayMethods::len(b.bind(py)) >= need)
+            .max_by_key(|(_, (_, stamp))| stamp.map_or(0, |s| s + 1))
+            .map(|(i, _)| i);
+        let i = match free {
+            Some(i) => i,
+            None => {
+                // Headroom so a table that grows by a row or a column keeps its buffer.
+                let cap = (need + need / 4).max(256);
+                let buf = (vec![-1i32; cap].into_pyarray(py).unbind(), None);
+                let spare = self.bufs.iter().position(|(b, _)| only_ours(b));
+                match spare {
+                    Some(j) => {
+                        self.bufs[j] = buf;
+                        j
+                    }
+                    None if self.bufs.len() < MAX_PLAN_TABLES => {
+                        self.bufs.push(buf);
+                        self.bufs.len() - 1
+                    }
+                    // Not pooled: filled whole, dropped with its plan.
+                    None => return Self::fill(py, core, buf.0, None, rows, cols).map(|(v, _)| v),
+                }
+            }
+        };
+        let (buf, stamp) = &self.bufs[i];
+        let (view, new_stamp) = Self::fill(py, core, buf.clone_ref(py), *stamp, rows, cols)?;
+        self.bufs[i].1 = Some(new_stamp);
+        Ok(view)
+    }
+
+    /// Syncs the first rows * cols entries of `buf` and returns a read-only 2-D view of
+    /// them that keeps `buf` alive.
+    fn fill<'py>(
+        py: Python<'py>,
+        core: &Scheduler,
+        buf: Py<PyArray1<i32>>,
+        since: Option<u64>,
+        rows: usize,
+        cols: usize,
+    ) -> PyResult<(Bound<'py, PyArray2<i32>>, u64)> {
+        let need = rows * cols;
+        let base = buf.into_bound(py);
+        let stamp = {
+            let mut rw = base.readwrite();
+            let data = rw
+                .as_slice_mut()
+                .map_err(|e| PyRuntimeError::new_err(format!("internal: plan table: {e}")))?;
+            core.sync_block_table(&mut data[..need], since)
+                .map_err(to_py)?
+        };
+        let ptr = base.data() as *const i32;
+        // SAFETY: `base` owns at least `need` contiguous i32s and outlives the view (it is
+        // the view's base object); the buffer is only written again once no view is left.
+        let view = unsafe {
+            let shape = ArrayView2::from_shape_ptr((rows, cols), ptr);
+            let arr = PyArray2::borrow_from_array(&shape, base.into_any());
+            arr.readwrite().make_nonwriteable();
+            arr
+        };
+        Ok((view, stamp))
+    }
+}
+
 /// The KV-cache manager and scheduler.
 #[pyclass(module = "kvserve._core", name = "Core")]
 pub struct PyCore {
     inner: Scheduler,
+    tables: PlanTables,
 }
 
 #[pymethods]
@@ -271,6 +370,7 @@ impl PyCore {
         };
         Ok(PyCore {
             inner: Scheduler::new(cfg).map_err(to_py)?,
+            tables: PlanTables::default(),
         })
     }
 
@@ -312,7 +412,10 @@ impl PyCore {
     /// Plans the next step.
     fn schedule(&mut self, py: Python<'_>) -> PyResult<PyPlan> {
         let plan = self.inner.schedule().map_err(to_py)?;
-        PyPlan::from_plan(py, plan)
+        let table = self
+            .tables
+            .view(py, &self.inner, plan.num_seqs, plan.max_blocks)?;
+        PyPlan::from_plan(py, plan, table)
     }
 
     /// Appends one sampled token per row of `plan.sample_handles`.

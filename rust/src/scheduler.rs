@@ -380,6 +380,30 @@ impl Scheduler {
         Ok(plan)
     }
 
+    /// The latest plan's block table: row-major [num_seqs, max_blocks], padded with -1.
+    /// Valid until the next `schedule`.
+    pub fn block_table(&self) -> &[i32] {
+        self.batch.as_slice()
+    }
+
+    /// Copies the latest plan's block table into `dst` (exactly num_seqs * max_blocks
+    /// long) and returns the stamp of this copy. `since` is the stamp returned when `dst`
+    /// was last synced (its contents untouched since), or None: then only the rows
+    /// written after it are copied.
+    pub fn sync_block_table(&self, dst: &mut [i32], since: Option<u64>) -> CoreResult<u64> {
+        let want = self.batch.as_slice().len();
+        if dst.len() != want {
+            return Err(invalid(
+                "dst",
+                format!(
+                    "block table buffer holds {} entries; the plan has {want}",
+                    dst.len()
+                ),
+            ));
+        }
+        Ok(self.batch.sync_into(dst, since))
+    }
+
     /// Keeps a finished plan's Vecs for the next step.
     fn recycle(&mut self, p: Pending) {
         self.scratch.seqs = p.seqs;
@@ -688,7 +712,6 @@ impl Scheduler {
             slot_mapping: Vec::with_capacity(num_tokens),
             query_start_loc: Vec::with_capacity(num_seqs + 1),
             seq_lens: Vec::with_capacity(num_seqs),
-            block_table: Vec::new(),
             max_blocks,
             logits_indices: Vec::with_capacity(num_seqs),
             sample_handles: Vec::with_capacity(num_seqs),
@@ -757,8 +780,8 @@ impl Scheduler {
             }
             pending.seqs.push((s.slot, s.handle, s.num_new));
         }
-        // One contiguous copy: the plan owns its table, the next step edits this one.
-        plan.block_table = batch.finish(num_seqs);
+        // The table stays here; callers read or copy it (block_table, sync_block_table).
+        batch.finish(num_seqs);
         self.scratch.sched = ordered;
         self.scratch.ordered = spare;
         self.counters.steps += 1;

@@ -165,7 +165,7 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
             85..=89 if !live.is_empty() => {
                 // abort or finish between schedule and commit
                 let plan = s.schedule().expect("schedule");
-                let sampled = sim.execute(&plan);
+                let sampled = sim.execute(&s, &plan);
                 let id = live.swap_remove(rng.below(live.len() as u64) as usize);
                 if rng.chance(0.5) {
                     assert!(s.abort(&id));
@@ -186,7 +186,7 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
                 // Bad inputs must leave everything as it was.
                 let before = fingerprint(&s);
                 let plan = s.schedule().expect("schedule");
-                let sampled = sim.execute(&plan);
+                let sampled = sim.execute(&s, &plan);
                 let mid = fingerprint(&s);
                 let mut wrong = sampled.clone();
                 wrong.push(1);

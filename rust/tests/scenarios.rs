@@ -112,9 +112,9 @@ fn whole_prompt_hit_copies_last_block_and_recomputes_one_token() {
     );
     let (src, dst) = (plan.copies[0], plan.copies[1]);
     assert_ne!(src, dst);
-    assert_eq!(plan.block_table[3] as i64, dst);
+    assert_eq!(s.block_table()[3] as i64, dst);
     assert_eq!(plan.slot_mapping[0], dst * 8 + 7);
-    let sampled = sim.execute(&plan);
+    let sampled = sim.execute(&s, &plan);
     sim.commit(&mut s, &plan, &sampled);
     assert_eq!(s.request_stats("b").unwrap().cached_prompt_tokens, 31);
     let out = drain(&mut s, &mut sim);
@@ -140,7 +140,7 @@ fn chunked_prefill_of_a_prompt_ten_times_the_budget() {
         let plan = s.schedule().unwrap();
         assert!(plan.num_tokens <= budget);
         let long_rows = plan.handles.iter().position(|&h| h == 0);
-        let sampled = sim.execute(&plan);
+        let sampled = sim.execute(&s, &plan);
         sim.commit(&mut s, &plan, &sampled);
         if let Some(i) = long_rows {
             let n = plan.query_start_loc[i + 1] - plan.query_start_loc[i];

@@ -76,6 +76,10 @@ pub struct Sim {
     /// Every live request's true tokens (prompt + outputs), by handle.
     pub tokens: HashMap<u64, Vec<i64>>,
     pub ids: HashMap<u64, String>,
+    /// Recycled block-table buffers, as the Python binding keeps them: contents and the
+    /// stamp they were last synced at. Plans read their table through one of these.
+    tables: Vec<(Vec<i32>, Option<u64>)>,
+    next_table: usize,
 }
 
 impl Sim {
@@ -86,6 +90,8 @@ impl Sim {
             host: vec![None; num_host_blocks * block_size],
             tokens: HashMap::new(),
             ids: HashMap::new(),
+            tables: vec![(Vec::new(), None); 3],
+            next_table: 0,
         }
     }
 
@@ -100,9 +106,10 @@ impl Sim {
 
     /// Runs a plan like the runner: copies, KV writes, then the model on each sampled row,
     /// reading the context back through the block table. Panics on any inconsistency.
-    pub fn execute(&mut self, plan: &Plan) -> Vec<i64> {
+    pub fn execute(&mut self, s: &Scheduler, plan: &Plan) -> Vec<i64> {
         let bs = self.block_size;
         let nb = plan.max_blocks;
+        let table = self.plan_table(s, plan);
         let copy_blocks = |src: &[Slot], dst: &mut [Slot], a: i64, b: i64| {
             let (a, b) = (a as usize * bs, b as usize * bs);
             let tmp: Vec<Slot> = src[a..a + bs].to_vec();
@@ -151,7 +158,7 @@ impl Sim {
                 assert_eq!(plan.input_ids[row], truth[pos], "input id at pos {pos}");
             }
             // The whole context reads back from the cache through the block table.
-            let table = &plan.block_table[i * nb..(i + 1) * nb];
+            let table = &table[i * nb..(i + 1) * nb];
             // A row holds exactly the blocks its context needs, then -1 padding.
             let used = seq_len.div_ceil(bs);
             assert!(table[..used].iter().all(|&b| b >= 0), "row {i}: {table:?}");
@@ -188,10 +195,25 @@ impl Sim {
         sampled
     }
 
+    /// The plan's block table, synced into the next recycled buffer (which may be several
+    /// steps stale, or too small and replaced); it must equal the scheduler's own copy.
+    fn plan_table(&mut self, s: &Scheduler, plan: &Plan) -> Vec<i32> {
+        let want = plan.num_seqs * plan.max_blocks;
+        let (buf, stamp) = &mut self.tables[self.next_table];
+        self.next_table = (self.next_table + 1) % 3;
+        if buf.len() < want {
+            *buf = vec![-7; want + want / 4];
+            *stamp = None;
+        }
+        *stamp = Some(s.sync_block_table(&mut buf[..want], *stamp).expect("sync"));
+        assert_eq!(&buf[..want], s.block_table(), "synced table differs");
+        buf[..want].to_vec()
+    }
+
     /// schedule -> execute -> commit; records outputs; returns finished (id, reason).
     pub fn step(&mut self, s: &mut Scheduler) -> Vec<(String, &'static str)> {
         let plan = s.schedule().expect("schedule");
-        let sampled = self.execute(&plan);
+        let sampled = self.execute(s, &plan);
         self.commit(s, &plan, &sampled)
     }
 
