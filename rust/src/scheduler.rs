@@ -81,6 +81,10 @@ struct Scratch {
     ordered: Vec<Scheduled>,
     seqs: Vec<(usize, u64, usize)>,
     samples: Vec<(usize, u64)>,
+    /// A used plan and step output handed back (`recycle_plan`, `recycle_output`): their
+    /// Vecs are refilled, so a step allocates nothing and touches no fresh pages.
+    plan: Option<Plan>,
+    output: Option<StepOutput>,
 }
 
 /// What `request_stats` reports.
@@ -404,6 +408,17 @@ impl Scheduler {
         Ok(self.batch.sync_into(dst, since))
     }
 
+    /// Hands a used plan back so the next `schedule` refills its Vecs instead of
+    /// allocating (optional; the Python binding does it after copying the plan out).
+    pub fn recycle_plan(&mut self, plan: Plan) {
+        self.scratch.plan = Some(plan);
+    }
+
+    /// Hands a used step output back for the next `commit` to refill.
+    pub fn recycle_output(&mut self, out: StepOutput) {
+        self.scratch.output = Some(out);
+    }
+
     /// Keeps a finished plan's Vecs for the next step.
     fn recycle(&mut self, p: Pending) {
         self.scratch.seqs = p.seqs;
@@ -701,24 +716,33 @@ impl Scheduler {
         let num_seqs = ordered.len();
         let num_tokens: usize = ordered.iter().map(|s| s.num_new).sum();
         let max_blocks = ordered.iter().map(|s| s.num_blocks).max().unwrap_or(0);
-        let mut plan = Plan {
-            id: self.next_plan_id,
-            num_seqs,
-            num_tokens,
-            num_decodes,
-            handles: Vec::with_capacity(num_seqs),
-            input_ids: Vec::with_capacity(num_tokens),
-            positions: Vec::with_capacity(num_tokens),
-            slot_mapping: Vec::with_capacity(num_tokens),
-            query_start_loc: Vec::with_capacity(num_seqs + 1),
-            seq_lens: Vec::with_capacity(num_seqs),
-            max_blocks,
-            logits_indices: Vec::with_capacity(num_seqs),
-            sample_handles: Vec::with_capacity(num_seqs),
-            swap_out,
-            swap_in,
-            copies,
-        };
+        let mut plan = self.scratch.plan.take().unwrap_or_default();
+        plan.id = self.next_plan_id;
+        plan.num_seqs = num_seqs;
+        plan.num_tokens = num_tokens;
+        plan.num_decodes = num_decodes;
+        plan.max_blocks = max_blocks;
+        plan.swap_out = swap_out;
+        plan.swap_in = swap_in;
+        plan.copies = copies;
+        for v in [&mut plan.handles, &mut plan.sample_handles] {
+            v.clear();
+            v.reserve(num_seqs);
+        }
+        for v in [
+            &mut plan.input_ids,
+            &mut plan.positions,
+            &mut plan.slot_mapping,
+        ] {
+            v.clear();
+            v.reserve(num_tokens);
+        }
+        plan.logits_indices.clear();
+        plan.logits_indices.reserve(num_seqs);
+        for v in [&mut plan.query_start_loc, &mut plan.seq_lens] {
+            v.clear();
+            v.reserve(num_seqs + 1);
+        }
         self.next_plan_id += 1;
         let mut pending = Pending {
             plan_id: plan.id,
@@ -833,11 +857,14 @@ impl Scheduler {
         };
         let bs = self.cfg.block_size;
         let caching = self.cfg.enable_prefix_caching;
-        let mut out = StepOutput {
-            handles: Vec::with_capacity(sampled.len()),
-            token_ids: Vec::with_capacity(sampled.len()),
-            ..Default::default()
-        };
+        let mut out = self.scratch.output.take().unwrap_or_default();
+        out.handles.clear();
+        out.handles.reserve(sampled.len());
+        out.token_ids.clear();
+        out.token_ids.reserve(sampled.len());
+        out.finished_handles.clear();
+        out.finish_reasons.clear();
+        out.finished_ids.clear();
         let mut any_finished = false;
         // One pass: sampled rows are a subsequence of the plan's sequences, in order.
         let mut next_sample = 0;

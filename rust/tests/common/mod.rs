@@ -214,7 +214,12 @@ impl Sim {
     pub fn step(&mut self, s: &mut Scheduler) -> Vec<(String, &'static str)> {
         let plan = s.schedule().expect("schedule");
         let sampled = self.execute(s, &plan);
-        self.commit(s, &plan, &sampled)
+        let finished = self.commit(s, &plan, &sampled);
+        // Every other plan is handed back for the next schedule to refill.
+        if plan.id % 2 == 0 {
+            s.recycle_plan(plan);
+        }
+        finished
     }
 
     pub fn commit(
@@ -227,11 +232,15 @@ impl Sim {
         for (h, t) in out.handles.iter().zip(&out.token_ids) {
             self.tokens.get_mut(h).expect("known handle").push(*t);
         }
-        out.finished_ids
+        let finished = out
+            .finished_ids
             .iter()
             .cloned()
             .zip(out.finish_reasons.iter().copied())
-            .collect()
+            .collect();
+        // Reused by the next commit: stale contents must never show through.
+        s.recycle_output(out);
+        finished
     }
 }
 
