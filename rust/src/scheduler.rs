@@ -364,7 +364,9 @@ impl Scheduler {
             if self_preempted {
                 continue;
             }
-            self.grow(slot, need);
+            if need > 0 {
+                self.grow(slot, need);
+            }
             sched.push(Scheduled::new(slot, self.req(slot), num_new));
             budget -= num_new;
         }
@@ -756,7 +758,43 @@ impl Scheduler {
         let batch = &mut self.batch;
         batch.begin(num_seqs, max_blocks, slots.len());
         let recent = &self.recent;
-        for (i, s) in ordered.iter().enumerate() {
+        // Decode rows first, column by column: each is one token at position `start`,
+        // sampled, so every array is a straight map over the entries (one reserve, no
+        // per-element capacity checks).
+        let decodes = &ordered[..num_decodes];
+        for (i, s) in decodes.iter().enumerate() {
+            let key = RowKey {
+                handle: s.handle,
+                blocks_gen: s.blocks_gen,
+            };
+            batch.set_row(i, s.slot, key, s.num_blocks, || {
+                &slots[s.slot]
+                    .as_ref()
+                    .expect("scheduled slot holds a request")
+                    .blocks
+            });
+        }
+        plan.handles.extend(decodes.iter().map(|s| s.handle));
+        plan.input_ids.extend(decodes.iter().map(|s| s.last_token));
+        plan.positions
+            .extend(decodes.iter().map(|s| s.start as i64));
+        plan.slot_mapping
+            .extend(decodes.iter().enumerate().map(|(i, s)| {
+                (i64::from(batch.block(i, s.start >> shift)) << shift) | (s.start & mask) as i64
+            }));
+        plan.query_start_loc
+            .extend((1..=num_decodes).map(|k| k as i32));
+        plan.seq_lens
+            .extend(decodes.iter().map(|s| (s.start + 1) as i32));
+        plan.logits_indices.extend(0..num_decodes as i64);
+        plan.sample_handles.extend(decodes.iter().map(|s| s.handle));
+        pending
+            .samples
+            .extend(decodes.iter().map(|s| (s.slot, s.handle)));
+        pending
+            .seqs
+            .extend(decodes.iter().map(|s| (s.slot, s.handle, 1)));
+        for (i, s) in ordered.iter().enumerate().skip(num_decodes) {
             let rec = || {
                 slots[s.slot]
                     .as_ref()
