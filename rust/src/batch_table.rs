@@ -84,8 +84,9 @@ impl BatchTable {
     }
 
     /// Makes row `i` (rows are set in increasing order) hold the `num_blocks` blocks of
-    /// the request in `slot`; `blocks` gives them and is called only when the last table
-    /// lacks some.
+    /// the request in `slot`; `blocks` gives them and is called only when the row must be
+    /// rewritten.
+    #[inline]
     pub fn set_row<'a>(
         &mut self,
         i: usize,
@@ -94,17 +95,30 @@ impl BatchTable {
         num_blocks: usize,
         blocks: impl FnOnce() -> &'a [u32],
     ) {
-        let stride = self.stride;
-        // Where this request's row was last time; rows below `i` are already rewritten.
-        let old = self.row_of_slot[slot];
         // A steady decode row: same place, same blocks; nothing to write.
-        if old as usize == i
+        if self.row_of_slot[slot] as usize == i
             && i < self.keys.len()
             && self.keys[i] == key
             && self.lens[i] as usize == num_blocks
         {
             return;
         }
+        self.rewrite_row(i, slot, key, num_blocks, blocks());
+    }
+
+    /// `set_row` for a row that moved, grew or is new.
+    #[inline(never)]
+    fn rewrite_row(
+        &mut self,
+        i: usize,
+        slot: usize,
+        key: RowKey,
+        num_blocks: usize,
+        blocks: &[u32],
+    ) {
+        let stride = self.stride;
+        // Where this request's row was last time; rows below `i` are already rewritten.
+        let old = self.row_of_slot[slot];
         let (have, last) = if old != NO_ROW
             && (old as usize) >= i
             && (old as usize) < self.keys.len()
@@ -128,7 +142,7 @@ impl BatchTable {
             let row = &mut self.table[i * stride..(i + 1) * stride];
             for (dst, &b) in row[have..num_blocks]
                 .iter_mut()
-                .zip(&blocks()[have..num_blocks])
+                .zip(&blocks[have..num_blocks])
             {
                 *dst = b as i32;
             }
