@@ -51,18 +51,13 @@ pub(crate) struct BatchTable {
 }
 
 impl BatchTable {
-    /// Starts a table of `num_rows` rows and `stride` columns. A new stride drops every
-    /// row (their layout no longer fits); otherwise rows are kept for `set_row`.
+    /// Starts a table of `num_rows` rows and `stride` columns; rows are kept for `set_row`
+    /// (re-laid out in place when the stride changed).
     pub fn begin(&mut self, num_rows: usize, stride: usize, num_slots: usize) {
         self.stamp += 1;
         if stride != self.stride {
-            self.stride = stride;
+            self.restride(stride);
             self.layout_stamp = self.stamp;
-            self.table.clear();
-            self.keys.clear();
-            self.lens.clear();
-            self.last.clear();
-            self.row_stamp.clear();
         }
         if self.row_of_slot.len() < num_slots {
             self.row_of_slot.resize(num_slots, NO_ROW);
@@ -81,6 +76,42 @@ impl BatchTable {
             self.last.resize(num_rows, -1);
             self.row_stamp.resize(num_rows, self.stamp);
         }
+    }
+
+    /// Re-lays the rows out at `stride` columns in place. The stride is the batch's longest
+    /// row, so it changes whenever that sequence gains a block (every `block_size` steps of
+    /// a decode-heavy batch): moving each row is far cheaper than rewriting every row from
+    /// its request's block list. A row too long for a narrower stride is dropped (its key
+    /// cleared, so `set_row` writes it afresh).
+    fn restride(&mut self, stride: usize) {
+        let old = self.stride;
+        let rows = self.keys.len();
+        if stride > old {
+            self.table.resize(rows * stride, -1);
+            // Last row first: each row moves to a later place, past every earlier row.
+            for i in (0..rows).rev() {
+                self.table.copy_within(i * old..(i + 1) * old, i * stride);
+                self.table[i * stride + old..(i + 1) * stride].fill(-1);
+            }
+        } else {
+            // First row first: each row moves to an earlier place, before every later row.
+            for i in 0..rows {
+                self.table
+                    .copy_within(i * old..i * old + stride, i * stride);
+            }
+            self.table.truncate(rows * stride);
+            for i in 0..rows {
+                if self.lens[i] as usize > stride {
+                    self.keys[i] = RowKey {
+                        handle: u64::MAX,
+                        blocks_gen: 0,
+                    };
+                    self.lens[i] = 0;
+                    self.last[i] = -1;
+                }
+            }
+        }
+        self.stride = stride;
     }
 
     /// Makes row `i` (rows are set in increasing order) hold the `num_blocks` blocks of

@@ -5,6 +5,7 @@
 //! holds it. A bounded record of recently evicted digests lets the scheduler count tokens
 //! recomputed because their blocks had been evicted.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
@@ -47,12 +48,22 @@ pub fn root_hash(salt: Option<&str>) -> u128 {
 
 /// Digest of one full block given its parent's digest.
 pub fn block_hash(parent: u128, tokens: &[i64]) -> u128 {
-    let mut buf = Vec::with_capacity(16 + tokens.len() * 8);
-    buf.extend_from_slice(&parent.to_le_bytes());
-    for t in tokens {
-        buf.extend_from_slice(&t.to_le_bytes());
+    // Blocks of up to 64 tokens hash from the stack (no allocation per block).
+    const INLINE: usize = 16 + 64 * 8;
+    let len = 16 + tokens.len() * 8;
+    let mut inline = [0u8; INLINE];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= INLINE {
+        &mut inline[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    buf[..16].copy_from_slice(&parent.to_le_bytes());
+    for (dst, t) in buf[16..].chunks_exact_mut(8).zip(tokens) {
+        dst.copy_from_slice(&t.to_le_bytes());
     }
-    xxh3_128(&buf)
+    xxh3_128(buf)
 }
 
 /// Extends `hashes` (the digests of `tokens`' leading full blocks) to cover every full
@@ -106,11 +117,15 @@ impl PrefixCache {
 
     /// Registers `block` as holding `hash`; false when another block already does.
     pub fn insert(&mut self, hash: u128, block: u32) -> bool {
-        if self.map.contains_key(&hash) {
-            return false;
+        match self.map.entry(hash) {
+            Entry::Occupied(_) => return false,
+            Entry::Vacant(v) => {
+                v.insert(block);
+            }
         }
-        self.map.insert(hash, block);
-        self.evicted.remove(&hash);
+        if !self.evicted.is_empty() {
+            self.evicted.remove(&hash);
+        }
         true
     }
 
