@@ -21,9 +21,19 @@ _LISTEN = re.compile(r"kvserve gRPC listening on (\S+):(\d+) ")
 _METRICS = re.compile(r"kvserve metrics on (http://\S+/metrics)")
 
 
+# `python -m MODULE ARGS`, except that on Linux the server is killed when the process that
+# started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no server holding ports.
+_BOOT = """import ctypes, runpy, signal, sys
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 @dataclass
 class ServerProcess:
-    """`python -m kvserve.cli serve ARGS --port 0 --metrics-port 0`, ports read from its log.
+    """`python -m kvserve.cli serve --port 0 --metrics-port 0 ARGS`, ports read from its log.
 
     `command` picks the entry point: KVSERVE_SERVE or KVSERVE_SERVER (the same server).
     """
@@ -45,7 +55,8 @@ class ServerProcess:
     def start(self) -> ServerProcess:
         cmd = [
             sys.executable,
-            "-m",
+            "-c",
+            _BOOT,
             *self.command,
             "--port",
             "0",
