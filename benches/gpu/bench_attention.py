@@ -28,6 +28,18 @@ from kvserve.kernels import ops
 DT = torch.bfloat16
 L2_BYTES = 50 * 2**20
 
+# The ws kernel's off-by-default consumer switches (ops.SM90_WS_TREE, SM90_WS_EX2_BF16X2,
+# SM90_WS_RESCALE_EARLY), timed beside ws at its defaults (prefill variant rows, and the
+# interleaved A/B of benches/gpu/sm90_ws_variants.py). run_prefill_sm90_gpu.sh smoke-checks
+# each first and leaves out those that fail or hang (--skip-variants).
+SM90_WS_SWITCH_VARIANTS: dict[str, dict] = {
+    "ws-tree": {"kernel": "ws", "ws_tree": True},
+    "ws-ex2": {"kernel": "ws", "ws_ex2_bf16x2": True},
+    "ws-rescale-early": {"kernel": "ws", "ws_rescale_early": True},
+    "ws-tree-rescale": {"kernel": "ws", "ws_tree": True, "ws_rescale_early": True},
+    "ws-fast": {"kernel": "ws", "ws_tree": True, "ws_ex2_bf16x2": True, "ws_rescale_early": True},
+}
+
 
 @dataclass
 class Row:
@@ -192,20 +204,20 @@ def bench_prefill(
     new: int,
     ctx: int,
     layout: str,
-    cfg: ops.AttnConfig | tuple[int, bool],
+    cfg: ops.AttnConfig | dict,
     hq: int,
     hkv: int,
     d: int = 128,
 ) -> float:
-    """ms of one prefill launch; cfg an AttnConfig (mma.sync) or the wgmma kernel's
-    (stages, pipelined)."""
+    """ms of one prefill launch; cfg an AttnConfig (mma.sync) or keyword arguments of
+    ops.paged_prefill_sm90 (the Hopper kernels: kernel "v1"/"ws" and their options)."""
     gen = torch.Generator(device="cuda").manual_seed(b * 13 + new)
     kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen)
     q = torch.randn(b * new, hq, d, device="cuda", dtype=DT, generator=gen)
     out = torch.empty_like(q)
     qsl = torch.arange(0, b * new + 1, new, device="cuda", dtype=torch.int32)
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-    if isinstance(cfg, tuple):  # the Hopper wgmma kernel
+    if isinstance(cfg, dict):  # the Hopper wgmma kernels
         return graph_time_ms(
             [
                 lambda: ops.paged_prefill_sm90(
@@ -221,8 +233,7 @@ def bench_prefill(
                     seq_begin=0,
                     seq_end=b,
                     max_query_len=new,
-                    stages=cfg[0],
-                    pipelined=cfg[1],
+                    **cfg,
                 )
             ]
         )
@@ -302,6 +313,13 @@ def main() -> None:
     ap.add_argument("--variants", action="store_true", help="also time alternative tilings")
     ap.add_argument("--variants-only", action="store_true", help="only the alternative tilings")
     ap.add_argument("--prefill-only", action="store_true", help="no decode shapes")
+    ap.add_argument("--no-mma", action="store_true", help="prefill: no mma.sync kernel rows")
+    ap.add_argument("--no-variants", action="store_true", help="no Hopper kernel variant rows")
+    ap.add_argument(
+        "--skip-variants",
+        default="",
+        help="comma-separated SM90_WS_SWITCH_VARIANTS names to leave out (failed smoke checks)",
+    )
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -364,12 +382,16 @@ def main() -> None:
         shape = f"b{b} new{new} ctx{ctx} h32 d128"
         for hkv in (32, 8):
             for layout in ("HND", "NHD") if hkv == 8 else ("HND",):
-                ms = bench_prefill(b, new, ctx, layout, ops.PREFILL_CONFIG, 32, hkv)
-                add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout}", ms, flops)
+                if not args.no_mma:
+                    ms = bench_prefill(b, new, ctx, layout, ops.PREFILL_CONFIG, 32, hkv)
+                    add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout}", ms, flops)
                 if sm90:
-                    st = (ops.SM90_PREFILL_STAGES, ops.SM90_PREFILL_PIPELINED)
-                    ms = bench_prefill(b, new, ctx, layout, st, 32, hkv)
-                    add("prefill", shape, f"kvserve wgmma {32}q/{hkv}kv {layout}", ms, flops)
+                    # Both Hopper kernels at their defaults: v1 (paged_prefill_sm90.cu) and
+                    # ws (warp-specialised, paged_prefill_sm90_ws.cu).
+                    for kern in ("v1", "ws"):
+                        ms = bench_prefill(b, new, ctx, layout, {"kernel": kern}, 32, hkv)
+                        impl = f"kvserve {kern} {32}q/{hkv}kv {layout}"
+                        add("prefill", shape, impl, ms, flops)
         for name, be in (
             ("sdpa flash", SDPBackend.FLASH_ATTENTION),
             ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
@@ -412,25 +434,53 @@ def main() -> None:
             else:
                 print(f"variant {cfg} failed: {err}")
 
-    if sm90 and (args.variants or args.variants_only or args.prefill_only):
-        # The wgmma kernel's loop variants; the default in kvserve.kernels.ops comes from these.
-        for stages, pipe in ((2, False), (3, False), (3, True)):
+    if sm90 and not args.no_variants and (args.variants or args.variants_only or args.prefill_only):
+        # The Hopper kernels' variants; the defaults in kvserve.kernels.ops come from these.
+        sm90_variants = {
+            "v1 st2": {"kernel": "v1", "stages": 2, "pipelined": False},
+            "v1 st3": {"kernel": "v1", "stages": 3, "pipelined": False},
+            "v1 st3 pipelined": {"kernel": "v1", "stages": 3, "pipelined": True},
+            "ws st2 q2 persistent": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2},
+            "ws st2 q2 persistent static": {
+                "kernel": "ws",
+                "ws_stages": 2,
+                "ws_qbuf": 2,
+                "dynamic": False,
+            },
+            "ws st2 v3 q2 persistent": {
+                "kernel": "ws",
+                "ws_stages": 2,
+                "ws_vstages": 3,
+                "ws_qbuf": 2,
+            },
+            "ws st2 q2 grid": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": False},
+            "ws st2 q1 persistent": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 1},
+            "ws st3 q1 persistent": {
+                "kernel": "ws",
+                "ws_stages": 3,
+                "ws_vstages": 3,
+                "ws_qbuf": 1,
+            },
+        }
+        skip = {s for s in args.skip_variants.split(",") if s}
+        sm90_variants.update({k: v for k, v in SM90_WS_SWITCH_VARIANTS.items() if k not in skip})
+        # The default again, last: how far the clock / thermal state drifted over the rows.
+        sm90_variants["ws st2 q2 persistent (again)"] = {"kernel": "ws"}
+        for name, kw in sm90_variants.items():
             for hkv in (8, 32):
                 flops = 4 * 32 * 128 * 8 * causal_pairs(4096, 4096)
-                ms, err = safe(bench_prefill, 8, 4096, 4096, "HND", (stages, pipe), 32, hkv)
-                name = f"variant wgmma st{stages}{' pipelined' if pipe else ''}"
+                ms, err = safe(bench_prefill, 8, 4096, 4096, "HND", kw, 32, hkv)
                 if ms is not None:
                     add(
                         "prefill",
                         f"b8 new4096 ctx4096 32q/{hkv}kv d128",
-                        name,
+                        f"variant {name}",
                         ms,
                         flops,
-                        stages=stages,
-                        pipelined=pipe,
+                        **kw,
                     )
                 else:
-                    print(f"{name} failed: {err}")
+                    print(f"variant {name} failed: {err}")
 
     meta = {
         "device": dev,

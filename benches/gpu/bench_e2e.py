@@ -5,8 +5,9 @@ Not a test. One run prints a table and writes JSON:
   written) and the bf16 8192^3 matmul rate;
 - kvserve's decode step (schedule -> forward -> greedy sample -> commit, the engine's real
   loop) at batch 1..256 with 1k-token contexts: step time, tokens/s, model bandwidth
-  utilisation = (weight bytes + KV bytes read) / step time / copy bandwidth, and achieved
-  FLOP/s against the matmul rate;
+  utilisation = (weight bytes read + KV bytes read) / step time / copy bandwidth, and
+  achieved FLOP/s against the matmul rate. Weight bytes read: every parameter but the
+  embedding table, plus the B rows of it the step gathers (LlamaModel.weight_bytes_read);
 - Hugging Face transformers generate() on the same weights (static cache) at batch 1 and 64,
   decode tokens/s by the difference of two generation lengths (prefill cancels out).
 
@@ -148,7 +149,12 @@ def _graph_kwargs(args) -> dict:
 def step(runner, core) -> tuple[int, int]:
     plan = core.schedule()
     logits = runner.execute(plan)
-    tokens = logits.argmax(-1).cpu().numpy() if logits is not None else np.zeros(0, np.int64)
+    # The engine's greedy path: the argmax the decode graph computed, else one argmax.
+    greedy = getattr(runner, "last_greedy", None)
+    if logits is None:
+        tokens = np.zeros(0, np.int64)
+    else:
+        tokens = (greedy if greedy is not None else logits.argmax(-1)).cpu().numpy()
     core.commit(plan.id, tokens)
     return int(plan.num_seqs), int(plan.num_decodes)
 
@@ -175,7 +181,9 @@ def kvserve_decode(runner, core, cfg, batch: int, args) -> dict:
     for rid in ids:
         core.abort(rid)
     step_s = float(np.median(times))
-    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    # Bytes a step really reads: the embedding table counts only its B gathered rows.
+    weight_bytes = runner.model.weight_bytes_read(batch)
+    all_params = sum(p.numel() * p.element_size() for p in runner.model.parameters())
     ctx = args.ctx + args.decode_steps // 2 + 4  # mean context while timing
     kv_bytes = batch * ctx * runner.kv_bytes_per_token
     flops = batch * (
@@ -186,6 +194,7 @@ def kvserve_decode(runner, core, cfg, batch: int, args) -> dict:
         "step_ms": step_s * 1e3,
         "tokens_per_s": batch / step_s,
         "weight_bytes": weight_bytes,
+        "param_bytes": all_params,  # the metric before 2026-11-26 counted all of these
         "kv_bytes": kv_bytes,
         "bytes_per_s": (weight_bytes + kv_bytes) / step_s,
         "flops_per_s": flops / step_s,
@@ -214,6 +223,7 @@ def main() -> None:
     p.add_argument("--kv-cache-memory", type=int, default=64 << 20, help="CPU only")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
+    from kvserve.model import fused_ops
 
     shapes = {**LLAMA3_8B, "num_hidden_layers": args.layers}
     if args.smoke_cpu:
@@ -266,6 +276,8 @@ def main() -> None:
                 "ctx": args.ctx,
                 "enforce_eager": args.enforce_eager,
                 "backend": runner.backend.name,
+                "fused_ops": fused_ops.ENABLED,
+                "gemv_max_rows": fused_ops.GEMV_MAX_ROWS,
                 "rows": rows,
             },
             indent=2,
@@ -273,7 +285,8 @@ def main() -> None:
     )
     print(
         f"\nkvserve decode, Llama-3-8B shapes ({args.layers} layers), ctx {args.ctx}, "
-        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}"
+        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}, "
+        f"fused ops {fused_ops.ENABLED}, gemv rows <= {fused_ops.GEMV_MAX_ROWS}"
     )
     print(
         f"{'batch':>5} {'step ms':>8} {'tok/s':>9} {'GB/s':>7} {'MBU':>6} {'TFLOP/s':>8} "

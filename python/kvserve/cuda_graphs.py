@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionMetadata
+from kvserve.model import fused_ops
 
 log = logging.getLogger(__name__)
+_MAX_TABLE_UPLOAD = 1 << 20  # bytes of whole block-table rows worth one upload per step
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -44,19 +46,33 @@ class DecodeGraphs:
         self.sizes = capture_sizes(max_num_seqs)
         self.max_model_len = max_model_len
         n, max_blocks = self.sizes[-1], -(-max_model_len // block_size)
-        # Static inputs: every replay reads these addresses; each step copies into them.
-        self.input_ids = torch.zeros(n, dtype=torch.long, device=device)
-        self.positions = torch.zeros(n, dtype=torch.long, device=device)
-        self.slot_mapping = torch.full((n,), -1, dtype=torch.long, device=device)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros((n, max_blocks), dtype=torch.int32, device=device)
+        self.max_blocks = max_blocks
+        # Static inputs: every replay reads these addresses; each step uploads into them.
+        # They are typed views of one byte buffer, mirrored by one pinned host buffer, so a
+        # step's inputs go up in a single copy: ids, positions, slots (int64), lengths and
+        # the block table (int32), in that order.
+        self._offsets = [0, 8 * n, 16 * n, 24 * n, 28 * n]
+        table_bytes = n * max_blocks * 4
+        self._dev = torch.zeros(28 * n + table_bytes, dtype=torch.uint8, device=device)
+        self._host = torch.zeros(28 * n + table_bytes, dtype=torch.uint8).pin_memory()
+        (self.input_ids, self.positions, self.slot_mapping, self.seq_lens,
+         self.block_table) = self._views(self._dev, n)
+        self._h_ids, self._h_pos, self._h_slots, self._h_lens, self._h_table = (
+            t.numpy() for t in self._views(self._host, n))
+        self._h_slots[:] = -1
+        self._h_lens[:] = 1
+        self.slot_mapping.fill_(-1)
+        self.seq_lens.fill_(1)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        # Host staging, pinned so the per-step upload is one asynchronous copy per array.
-        self._host_ids = torch.zeros(n, dtype=torch.long).pin_memory()
-        self._host_pos = torch.zeros(n, dtype=torch.long).pin_memory()
-        self._host_slots = torch.zeros(n, dtype=torch.long).pin_memory()
-        self._host_lens = torch.zeros(n, dtype=torch.int32).pin_memory()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._uploaded = torch.cuda.Event()  # the host buffer is reused once this passed
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.last_greedy: torch.Tensor | None = None
+
+    def _views(self, buf: torch.Tensor, n: int) -> list[torch.Tensor]:
+        o = self._offsets
+        return [buf[o[0]:o[1]].view(torch.int64), buf[o[1]:o[2]].view(torch.int64),
+                buf[o[2]:o[3]].view(torch.int64), buf[o[3]:o[4]].view(torch.int32),
+                buf[o[4]:].view(torch.int32).view(n, self.max_blocks)]
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -71,10 +87,12 @@ class DecodeGraphs:
             seq_lens_cpu=torch.full((bs,), self.max_model_len, dtype=torch.int32),
         )
 
-    def _forward(self, bs: int) -> torch.Tensor:
+    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 logits of every row, and their argmax (the greedy tokens), on the device."""
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs),
                             self.kv_caches)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return logits, fused_ops.greedy(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -88,8 +106,8 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                logits = self._forward(bs)
-            self.graphs[bs] = (graph, logits)
+                logits, greedy = self._forward(bs)
+            self.graphs[bs] = (graph, logits, greedy)
         torch.cuda.synchronize(self.device)
         log.info("captured decode CUDA graphs for batch sizes %s", self.sizes)
 
@@ -104,24 +122,34 @@ class DecodeGraphs:
         return 0 < n <= self.sizes[-1] and decode_only and plan.logits_indices.shape[0] == n
 
     def run(self, plan: Any) -> torch.Tensor:
-        """Replay the smallest graph that holds the batch; fp32 logits of its n rows."""
+        """Replay the smallest graph that holds the batch; fp32 logits of its n rows.
+
+        last_greedy is then their argmax (int64 [n], on the device), computed in the graph.
+        """
         n = int(plan.num_seqs)
         bs = next(s for s in self.sizes if s >= n)
         width = plan.block_table.shape[1]
-        self._host_ids[:n] = torch.from_numpy(plan.input_ids)
-        self._host_pos[:n] = torch.from_numpy(plan.positions)
-        self._host_slots[:n] = torch.from_numpy(plan.slot_mapping)
-        self._host_lens[:n] = torch.from_numpy(plan.seq_lens)
+        self._uploaded.synchronize()  # the previous step's upload has left the host buffer
+        self._h_ids[:n] = plan.input_ids
+        self._h_pos[:n] = plan.positions
+        self._h_slots[:n] = plan.slot_mapping
+        self._h_lens[:n] = plan.seq_lens
         # Padding rows: no cache write (slot -1) and a one-token context in block 0.
-        self._host_slots[n:bs] = -1
-        self._host_lens[n:bs] = 1
-        self.input_ids[:bs].copy_(self._host_ids[:bs], non_blocking=True)
-        self.positions[:bs].copy_(self._host_pos[:bs], non_blocking=True)
-        self.slot_mapping[:bs].copy_(self._host_slots[:bs], non_blocking=True)
-        self.seq_lens[:bs].copy_(self._host_lens[:bs], non_blocking=True)
-        table = torch.from_numpy(np.ascontiguousarray(plan.block_table))
-        self.block_table[:n, :width].copy_(table, non_blocking=False)
-        self.block_table[n:bs, 0] = 0
-        graph, logits = self.graphs[bs]
+        self._h_slots[n:bs] = -1
+        self._h_lens[n:bs] = 1
+        self._h_table[:n, :width] = plan.block_table
+        self._h_table[n:bs, 0] = 0
+        # One upload: the small arrays, then whole block-table rows [:bs] (entries past a
+        # row's length are never read); a wide table goes up as its used columns only.
+        whole_rows = bs * self.max_blocks * 4 <= _MAX_TABLE_UPLOAD
+        end = self._offsets[4] + (bs * self.max_blocks * 4 if whole_rows else 0)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._uploaded.record()
+        if not whole_rows:
+            table = torch.from_numpy(np.array(plan.block_table))  # read-only: copy
+            self.block_table[:n, :width].copy_(table, non_blocking=False)
+            self.block_table[n:bs, 0] = 0
+        graph, logits, greedy = self.graphs[bs]
         graph.replay()
+        self.last_greedy = greedy[:n]
         return logits[:n]  # a decode-only step samples every row, in order

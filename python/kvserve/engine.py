@@ -64,8 +64,9 @@ class LLMEngine:
         self.invalid_request_error: type[Exception] = _core.InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
-        self.weight_bytes = sum(p.numel() * p.element_size()
-                                for p in self.runner.model.parameters())
+        # Weight bytes a step reads: all but the embedding table, plus one row per token.
+        self.weight_bytes = self.runner.model.weight_bytes_read(0)
+        self.embed_row_bytes = self.runner.model.weight_bytes_read(1) - self.weight_bytes
         self.attn_flops_per_ctx_token = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
         self._lock = threading.Lock()  # the core is not thread-safe; never held in forward
         self._requests: dict[int, RequestState] = {}
@@ -84,7 +85,9 @@ class LLMEngine:
             return []
         try:
             logits = self.runner.execute(plan)
-            sampled = self.sampler(logits, rows) if rows else None
+            greedy = self.runner.last_greedy  # argmax from the decode graph, if it ran
+            extra = {} if greedy is None else {"greedy": greedy}
+            sampled = self.sampler(logits, rows, **extra) if rows else None
         except Exception as exc:  # a failed forward ends its requests, not the engine
             log.exception("engine step failed")
             return self._fail(plan, f"{type(exc).__name__}: {exc}")
@@ -240,7 +243,8 @@ class LLMEngine:
             num_decodes=nd, duration_s=duration,
             flops_estimate=self.runner.config.flops_per_token * nt
             + self.attn_flops_per_ctx_token * attn_pairs,
-            bytes_estimate=float(self.weight_bytes + kv * float(ctx.sum()) + kv * nt))
+            bytes_estimate=float(self.weight_bytes + self.embed_row_bytes * nt
+                                 + kv * float(ctx.sum()) + kv * nt))
         for fn in self._listeners:
             try:
                 fn(stats)

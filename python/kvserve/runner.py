@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any
 
 import numpy as np
@@ -15,10 +14,14 @@ from kvserve.model import Checkpoint, build_model
 
 log = logging.getLogger(__name__)
 
-# A plan's block table is a read-only view of a buffer the core recycles; torch only reads
-# it (to copy it to the device), so its one-time "not writable" warning says nothing here.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable",
-                        category=UserWarning)
+
+def host_tensor(table: np.ndarray) -> torch.Tensor:
+    """A plan's read-only block table as a CPU tensor, without a copy where numpy can say
+    "read-only" through DLPack (torch.from_numpy would warn about a non-writable array)."""
+    try:
+        return torch.from_dlpack(table)
+    except (BufferError, TypeError):  # numpy too old to export read-only arrays
+        return torch.from_numpy(np.array(table))
 
 
 class ModelRunner:
@@ -53,6 +56,9 @@ class ModelRunner:
                  self.num_blocks, block_size, self.num_blocks * self.block_bytes / 2**20,
                  self.num_host_blocks)
         self.graphs: DecodeGraphs | None = None
+        # After execute(): the argmax of the returned logits when the step computed it on the
+        # device (graph replays), else None. The sampler's greedy fast path takes it.
+        self.last_greedy: torch.Tensor | None = None
         if device.type == "cuda" and not enforce_eager:
             if getattr(backend, "supports_cuda_graphs", False):
                 self.graphs = DecodeGraphs(self.model, self.kv_caches, device, max_num_seqs,
@@ -112,10 +118,13 @@ class ModelRunner:
         self._swap(plan.swap_out, to_host=True)
         self._swap(plan.swap_in, to_host=False)
         self._copy(plan.copies)
+        self.last_greedy = None
         if plan.num_tokens == 0:
             return None
         if self.graphs is not None and self.graphs.can_run(plan):
-            return self.graphs.run(plan)
+            logits = self.graphs.run(plan)
+            self.last_greedy = self.graphs.last_greedy
+            return logits
         dev = self.device
         qsl = torch.from_numpy(plan.query_start_loc)
         seq_lens = torch.from_numpy(plan.seq_lens)
@@ -124,7 +133,7 @@ class ModelRunner:
             slot_mapping=torch.from_numpy(plan.slot_mapping).to(dev, non_blocking=nb),
             query_start_loc=qsl.to(dev, non_blocking=nb),
             seq_lens=seq_lens.to(dev, non_blocking=nb),
-            block_table=torch.from_numpy(plan.block_table).to(dev, non_blocking=nb),
+            block_table=host_tensor(plan.block_table).to(dev, non_blocking=nb),
             num_decodes=int(plan.num_decodes),
             max_query_len=int(np.diff(plan.query_start_loc).max()),
             max_seq_len=int(plan.seq_lens.max()),

@@ -35,14 +35,19 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator  # for rows without their own seed
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> SamplerOutput:
-        """logits fp32 [N, V]: one row per sampled sequence, in `rows` order."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow],
+                 greedy: torch.Tensor | None = None) -> SamplerOutput:
+        """logits fp32 [N, V]: one row per sampled sequence, in `rows` order.
+
+        greedy: logits.argmax(-1) when the caller already has it on the device (the decode
+        graphs compute it); the all-greedy batch then only copies the token ids to the host.
+        """
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         simple = all(p.greedy and not p.needs_penalties and p.min_tokens == 0 for p in params)
         if simple:  # the common greedy batch: one argmax, nothing else
-            tokens = logits.argmax(dim=-1)
+            tokens = greedy if greedy is not None else logits.argmax(dim=-1)
         else:
             tokens = self._sample(logits.clone(), rows, params)
         tokens = tokens.cpu()

@@ -52,9 +52,12 @@ def test_graph_replay_equals_eager_forward_on_the_same_inputs(tmp_path) -> None:
         logits = replayed(plan).clone()
         n = int(plan.num_seqs)
         bs = next(s for s in graphs.sizes if s >= n)
-        eager = graphs._forward(bs)[:n]  # the same static inputs, launched eagerly
-        assert torch.equal(logits, eager), f"batch {n} (graph {bs}): replay != eager"
+        greedy = graphs.last_greedy.clone()
+        eager, eager_greedy = graphs._forward(bs)  # the same static inputs, launched eagerly
+        assert torch.equal(logits, eager[:n]), f"batch {n} (graph {bs}): replay != eager"
         assert torch.isfinite(logits).all()
+        # The in-graph greedy tokens are the argmax of those logits.
+        assert torch.equal(greedy, eager_greedy[:n]) and torch.equal(greedy, logits.argmax(-1))
         checked.append(n)
         return logits
 

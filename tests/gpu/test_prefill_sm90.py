@@ -38,11 +38,16 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _run(
-    b: Batch, stages: int = ops.SM90_PREFILL_STAGES, pipelined: bool = ops.SM90_PREFILL_PIPELINED
-) -> torch.Tensor:
-    """Write the step's K/V, then one wgmma launch over all sequences; output NaN-poisoned."""
+def _run(b: Batch, variant: dict | None = None, poison_tail: bool = False) -> torch.Tensor:
+    """Write the step's K/V, then one wgmma launch over all sequences; output NaN-poisoned.
+
+    ``variant``: keyword arguments of ops.paged_prefill_sm90 (kernel and its configuration);
+    None: the shipped defaults. ``poison_tail``: the cache slots past each context in its
+    last block (never written by the step) are set to NaN first; no kernel may let them in.
+    """
     ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, b.layout)
+    if poison_tail:
+        _poison_tail(b)
     out = torch.full_like(b.q, float("nan"))
     m = b.meta
     ops.paged_prefill_sm90(
@@ -58,10 +63,22 @@ def _run(
         seq_begin=0,
         seq_end=m.num_seqs,
         max_query_len=m.max_query_len,
-        stages=stages,
-        pipelined=pipelined,
+        **(variant or {}),
     )
     return out
+
+
+def _poison_tail(b: Batch) -> None:
+    bs = b.block_size
+    for i, L in enumerate(b.meta.seq_lens_cpu.tolist()):
+        if L % bs == 0:
+            continue
+        blk = int(b.meta.block_table[i, (L - 1) // bs])
+        for c in (b.k_cache, b.v_cache):
+            if b.layout == "NHD":
+                c[blk, L % bs :] = float("nan")
+            else:
+                c[blk, :, L % bs :] = float("nan")
 
 
 def _check(b: Batch, out: torch.Tensor) -> None:
@@ -91,11 +108,53 @@ CASES = [
 ]
 
 
-# (stages, pipelined): every compiled variant of the loop.
-VARIANTS = [(2, False), (3, False), (3, True)]
+# Every compiled variant: the first kernel's loops (stages, pipelined) and the
+# warp-specialised kernel's (K/V stages, Q buffers, persistent with the dynamic (atomic
+# counter) or static schedule, or one CTA per item; a grid capped at 3 CTAs walks many items
+# per CTA through the mbarrier rings).
+VARIANTS = {
+    "v1-st2": {"kernel": "v1", "stages": 2, "pipelined": False},
+    "v1-st3": {"kernel": "v1", "stages": 3, "pipelined": False},
+    "v1-pipe": {"kernel": "v1", "stages": 3, "pipelined": True},
+    "ws-st2q2": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": True},
+    "ws-st2q2-static": {
+        "kernel": "ws",
+        "ws_stages": 2,
+        "ws_qbuf": 2,
+        "persistent": True,
+        "dynamic": False,
+    },
+    "ws-st2v3q2": {"kernel": "ws", "ws_stages": 2, "ws_vstages": 3, "ws_qbuf": 2},
+    "ws-tree-softmax": {"kernel": "ws", "ws_tree": True},
+    "ws-st2q2-grid": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": False},
+    "ws-st3q1": {"kernel": "ws", "ws_stages": 3, "ws_vstages": 3, "ws_qbuf": 1},
+    "ws-st2q1-3ctas": {
+        "kernel": "ws",
+        "ws_stages": 2,
+        "ws_qbuf": 1,
+        "persistent": True,
+        "max_ctas": 3,
+    },
+}
+# Off-by-default consumer switches (ops.SM90_WS_EX2_BF16X2, SM90_WS_RESCALE_EARLY) alone, with
+# TREE, and all three ("ws-fast"). They run the cases above, the ragged batches and the
+# bench-shape check, but only block sizes 16/32 of the NaN-tail test (no change in the
+# producer or the V-row zeroing; fewer compiles and cases).
+NEW_WS_VARIANTS = {
+    "ws-ex2": {"kernel": "ws", "ws_ex2_bf16x2": True},
+    "ws-rescale-early": {"kernel": "ws", "ws_rescale_early": True},
+    "ws-tree-rescale": {"kernel": "ws", "ws_tree": True, "ws_rescale_early": True},
+    "ws-fast": {"kernel": "ws", "ws_tree": True, "ws_ex2_bf16x2": True, "ws_rescale_early": True},
+}
+VARIANTS.update(NEW_WS_VARIANTS)
+WS_VARIANTS = [k for k in VARIANTS if k.startswith("ws")]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"st{v[0]}-pipe{int(v[1])}")
+def _seed(name: str) -> int:
+    return sum(ord(c) for c in name)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: f"{len(c[0])}seqs-g{c[1]}-bs{c[2]}-{str(c[3])[6:]}-{c[4]}-sh{c[5]}"
 )
@@ -111,14 +170,14 @@ def test_sm90_prefill_matches_reference(case, variant) -> None:
         layout=layout,
         shared_prefix_blocks=shared,
         pad_tokens=3,
-        gen=_gen(len(specs) * 7 + group + variant[0] + 10 * variant[1]),
+        gen=_gen(len(specs) * 7 + group + _seed(variant)),
     )
-    _check(b, _run(b, *variant))
+    _check(b, _run(b, VARIANTS[variant]))
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"st{v[0]}-pipe{int(v[1])}")
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_sm90_prefill_random_ragged_batches(variant) -> None:
-    rng = random.Random(90 + variant[0] + 10 * variant[1])
+    rng = random.Random(90 + _seed(variant))
     for trial in range(8):
         specs = []
         for _ in range(rng.randint(1, 12)):
@@ -132,12 +191,67 @@ def test_sm90_prefill_random_ragged_batches(variant) -> None:
             dtype=rng.choice([torch.bfloat16, torch.float16]),
             block_size=rng.choice([16, 32]),
             layout=rng.choice(["NHD", "HND"]),
-            gen=_gen(100 + trial + 10 * variant[0] + 100 * variant[1]),
+            gen=_gen(100 + trial + _seed(variant)),
         )
-        _check(b, _run(b, *variant))
+        _check(b, _run(b, VARIANTS[variant]))
 
 
-def test_sm90_prefill_is_repeatable() -> None:
+@pytest.mark.parametrize(
+    "variant,bs",
+    [
+        (v, bs)
+        for v in ["v1-st2", *WS_VARIANTS]
+        for bs in ([16, 32] if v in NEW_WS_VARIANTS else [8, 16, 64, 256])
+    ],
+)
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_sm90_prefill_block_sizes_and_nan_tail(variant, bs, layout) -> None:
+    # Cache slots past the context hold NaN (unwritten memory can): masked keys and the
+    # zeroed V rows must keep them out. Block sizes below, at and above the 128-token tile.
+    specs = [(bs * 3 + 5, bs * 3 + 5), (700, 300), (129, 1), (1000, 999)]
+    b = make_batch(
+        specs,
+        hkv=2,
+        group=4,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        block_size=bs,
+        layout=layout,
+        pad_tokens=2,
+        gen=_gen(bs + _seed(variant + layout)),
+    )
+    _check(b, _run(b, VARIANTS[variant], poison_tail=True))
+
+
+@pytest.mark.parametrize("variant", WS_VARIANTS)
+def test_sm90_ws_matches_v1_on_bench_shape(variant) -> None:
+    # The benchmark's shape (b2 of it): the two kernels agree closely, and with the reference.
+    b = make_batch(
+        [(4096, 4096), (4096, 4096)],
+        hkv=2,
+        group=4,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        block_size=16,
+        layout="HND",
+        gen=_gen(_seed(variant)),
+    )
+    got = _run(b, VARIANTS[variant])
+    _check(b, got)
+    ref = _run(b, VARIANTS["v1-st2"])
+    # EX2_BF16X2 rounds the exponents and P to bf16 before the sums: a CPU emulation of the
+    # kernel's softmax gave 3.6e-3 vs the fp32 reference (2.3e-3 with the fp32 exp) and
+    # 4.2e-3 between the two at 4096 keys, so it gets more room against v1 (the reference
+    # check above keeps the common tolerance).
+    tol = 8e-3 if VARIANTS[variant].get("ws_ex2_bf16x2") else 5e-3
+    assert rel_err(got, ref.float()) < tol
+
+
+@pytest.mark.parametrize(
+    "variant", ["v1-st2", "ws-st2q2", "ws-st2q2-static", "ws-st2q1-3ctas", "ws-fast"]
+)
+def test_sm90_prefill_is_repeatable(variant) -> None:
+    # Also: the dynamic scheduler's counter is re-armed by each launch for the next.
     # A race shows as run-to-run differences on the same inputs.
     b = make_batch(
         [(5000, 3000), (700, 700)],
@@ -149,9 +263,9 @@ def test_sm90_prefill_is_repeatable() -> None:
         layout="HND",
         gen=_gen(7),
     )
-    first = _run(b)
+    first = _run(b, VARIANTS[variant])
     for _ in range(3):
-        assert torch.equal(_run(b), first)
+        assert torch.equal(_run(b, VARIANTS[variant]), first)
 
 
 def test_sm90_prefill_rejects_unsupported_head_dim() -> None:
@@ -163,10 +277,13 @@ def test_sm90_prefill_rejects_unsupported_head_dim() -> None:
         _run(b)
 
 
+@pytest.mark.parametrize("kernel", ["v1", "ws"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_backend_with_sm90_prefill_matches_reference(layout, monkeypatch) -> None:
-    # The backend path that dispatches prefills to the wgmma kernel, forced on.
+def test_backend_with_sm90_prefill_matches_reference(layout, kernel, monkeypatch) -> None:
+    # The backend path that dispatches prefills to a Hopper kernel, forced on; decodes come
+    # first, so the prefill launch starts at seq_begin > 0.
     monkeypatch.setattr(ops, "SM90_PREFILL_ENABLED", True)
+    monkeypatch.setattr(ops, "SM90_PREFILL_KERNEL", kernel)
     rng = random.Random(layout)
     decodes = [(rng.randint(1, 5000), 1) for _ in range(rng.randint(1, 20))]
     prefills = [(n + rng.choice([0, rng.randint(1, 2000)]), n) for n in (300, 1, 77, 1500)]

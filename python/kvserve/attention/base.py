@@ -51,6 +51,11 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_written: bool = False,
     ) -> torch.Tensor:  # [T, Hq, D]
-        """Write k/v at meta.slot_mapping, then attend causally (bottom-right aligned)."""
+        """Write k/v at meta.slot_mapping, then attend causally (bottom-right aligned).
+
+        kv_written: the caller already stored k/v in the cache (the fused rope_qkv kernel);
+        skip the write. Only the cuda backend is ever called with it (model/llama.py).
+        """
         ...

@@ -5,6 +5,9 @@ A step's batch is decodes first, then prefills: the decode part runs the decode 
 prefill tiling; both are the same kernel source. On sm_90 with head_dim 128 the prefill part
 can go to the wgmma kernel instead (paged_prefill_sm90.cu, when ops.SM90_PREFILL_ENABLED).
 No host synchronisation: host-side sizes come from meta's *_cpu tensors and ints.
+On sm_90 the cache write and the decode part launch with programmatic dependent launch
+(kernels.fused.PDL_ATTENTION, KVSERVE_PDL_ATTN); kv_written=True skips the cache write
+(the fused rope_qkv kernel already stored k and v).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.kernels import ops
+from kvserve.kernels import fused, ops
 from kvserve.kernels.launcher import CudaUnavailableError, cuda_unavailable_reason
 
 # Chosen by measurement on H100 (docs/architecture.md, "Kernels"; benches/RESULTS.md).
@@ -32,6 +35,8 @@ class CudaAttentionBackend:
         if layout not in ops.LAYOUTS:
             raise ValueError(f"layout must be one of {ops.LAYOUTS}, got {layout!r}")
         self.layout = layout
+        # griddepcontrol exists from sm_90 on; elsewhere the kernels launch plainly.
+        self._pdl_arch = torch.cuda.get_device_capability()[0] >= 9
 
     def kv_cache_shape(
         self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
@@ -49,8 +54,11 @@ class CudaAttentionBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_written: bool = False,
     ) -> torch.Tensor:
-        ops.cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout)
+        pdl = fused.PDL_ATTENTION and self._pdl_arch
+        if not kv_written:
+            ops.cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout, pdl=pdl)
         if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
             q = q.contiguous()  # the prefill tiling copies Q rows with 16-byte cp.async
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -77,6 +85,7 @@ class CudaAttentionBackend:
                 max_seq_len=int(meta.seq_lens_cpu[:nd].max()),
                 config=ops.DECODE_CONFIG,
                 first_token=0,
+                pdl=pdl,
                 **common,
             )
         use_sm90 = (

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -80,11 +81,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvserve" / "kernels"
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"$', re.MULTILINE)
+
+
 def read_source(source_name: str) -> str:
+    """The kernel source with its local headers (``#include "x.cuh"`` from cuda/) inlined,
+    so the text NVRTC sees, and the cache key hashes, covers them too."""
     path = SOURCE_DIR / source_name
     if not path.is_file():
         raise FileNotFoundError(f"kernel source {source_name!r} not found in {SOURCE_DIR}")
-    return path.read_text()
+    return _LOCAL_INCLUDE.sub(lambda m: read_source(m.group(1)), path.read_text())
 
 
 def compile_source(

@@ -112,8 +112,17 @@ class Kernel:
         stream = driver.CUstream(torch.cuda.current_stream(self.device_index).cuda_stream)
         values = tuple(a for a, _ in args)
         types = tuple(t for _, t in args)
+        params: object = (values, types)
+        if any(issubclass(t, ctypes.Structure) for t in types):
+            # A struct passed by value (a 128-byte CUtensorMap): build the void** array
+            # ourselves; the driver copies each argument at launch, so locals suffice.
+            storage = [
+                t.from_buffer_copy(v) if issubclass(t, ctypes.Structure) else t(v) for v, t in args
+            ]
+            ptrs = (ctypes.c_void_p * len(storage))(*(ctypes.addressof(s) for s in storage))
+            params = ctypes.addressof(ptrs)
         (err,) = driver.cuLaunchKernel(
-            self.function, *grid, *block, self.dynamic_smem, stream, (values, types), 0
+            self.function, *grid, *block, self.dynamic_smem, stream, params, 0
         )
         _check(err, "cuLaunchKernel", self.name)
 

@@ -6,6 +6,7 @@ Nothing here synchronises with the device: sizes come from host-side arguments.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import cache
 
@@ -85,8 +86,13 @@ def cache_write(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
     layout: str,
+    *,
+    pdl: bool = False,
 ) -> None:
-    """k_cache/v_cache[slot] = k/v for every token whose slot is >= 0."""
+    """k_cache/v_cache[slot] = k/v for every token whose slot is >= 0.
+
+    pdl: launch with programmatic dependent launch (the kernel waits for its predecessor).
+    """
     _require(
         k.dim() == 3 and v.shape == k.shape, f"k, v must be [T, Hkv, D] alike: {k.shape}, {v.shape}"
     )
@@ -121,7 +127,8 @@ def cache_write(
     kern = load_kernel("cache_write.cu", "cache_write", (), 0, dev)
     total = T * H * (D // 8)
     threads = 256
-    kern.launch(
+    _launch_decode(
+        kern,
         (math.ceil(total / threads), 1, 1),
         (threads, 1, 1),
         [
@@ -142,7 +149,24 @@ def cache_write(
             (H, I32),
             (D, I32),
         ],
+        pdl,
     )
+
+
+def _launch_decode(
+    kern: Kernel,
+    grid: tuple[int, int, int],
+    block: tuple[int, int, int],
+    args: list[tuple[object, type]],
+    pdl: bool,
+) -> None:
+    """kern.launch, or through fused.launch with PDL (cache_write / attention / merge)."""
+    if not pdl:
+        kern.launch(grid, block, args)
+        return
+    from .fused import launch  # fused imports this module: import at call time
+
+    launch(kern, grid, block, args, True)
 
 
 @cache
@@ -184,6 +208,12 @@ def _attention_kernels(
     return attn, merge
 
 
+# KVSERVE_DECODE_SPLIT_MIN_TOKENS=n: context tokens per decode split at least n (fewer splits,
+# a shorter merge_splits; 0 = the rule below, 2 * bn * warps_n = 128). Unmeasured: an A/B knob
+# for benches/gpu/run_e2e_gpu.sh, the default keeps the measured behaviour.
+DECODE_SPLIT_MIN_TOKENS = int(os.environ.get("KVSERVE_DECODE_SPLIT_MIN_TOKENS", "0"))
+
+
 def choose_num_splits(
     ctas: int, max_seq_len: int, sms: int, ctas_per_sm: int, cfg: AttnConfig
 ) -> int:
@@ -192,6 +222,8 @@ def choose_num_splits(
     if ctas >= target:
         return 1
     min_tokens = 2 * cfg.bn * cfg.warps_n  # keep each split worth a launch's loads
+    if cfg == DECODE_CONFIG and DECODE_SPLIT_MIN_TOKENS > 0:
+        min_tokens = DECODE_SPLIT_MIN_TOKENS  # A/B knob: fewer, longer splits (less merge)
     return max(1, min(math.ceil(target / ctas), math.ceil(max_seq_len / min_tokens), 128))
 
 
@@ -304,11 +336,13 @@ def paged_attention(
     config: AttnConfig,
     num_splits: int | None = None,
     first_token: int = 0,
+    pdl: bool = False,
 ) -> None:
     """out[tokens of sequences seq_begin..seq_end) = causal paged attention of q over the cache.
 
     Host-side bounds (max_query_len, max_seq_len) must cover those sequences; first_token is
     the absolute index of seq_begin's first token (used to index split-KV partial outputs).
+    pdl: launch the kernel and its split merge with programmatic dependent launch.
     """
     nseq = seq_end - seq_begin
     if nseq <= 0 or max_query_len <= 0:
@@ -359,7 +393,8 @@ def paged_attention(
         part_tokens = nseq
         part_o = torch.empty((num_splits, nseq, Hq, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((num_splits, nseq, Hq), dtype=torch.float32, device=q.device)
-    attn.launch(
+    _launch_decode(
+        attn,
         (n_qtiles * num_splits, Hkv, nseq),
         (config.threads(), 1, 1),
         [
@@ -376,9 +411,11 @@ def paged_attention(
             (block_size.bit_length() - 1, I32),
             (scale * _LOG2E, F32),
         ],
+        pdl,
     )
     if num_splits > 1:
-        merge.launch(
+        _launch_decode(
+            merge,
             (nseq, Hq, 1),
             (D // 4, _MERGE_LANES, 1),
             [
@@ -391,6 +428,7 @@ def paged_attention(
                 (part_tokens, I32),
                 (num_splits, I32),
             ],
+            pdl,
         )
 
 
@@ -407,6 +445,73 @@ SM90_PREFILL_PIPELINED = False
 # The attention backend sends prefills to the wgmma kernel only where it was measured
 # correct and faster than the mma.sync tiling (benches/RESULTS.md); off means never.
 SM90_PREFILL_ENABLED = True
+
+
+# paged_prefill_sm90_ws.cu: warp-specialised (TMA producer warpgroup + two ping-pong consumer
+# warpgroups, 384 threads), persistent grid. "ws" selects it where the cache allows TMA
+# (sm90_ws_supported; else paged_prefill_sm90.cu runs); "v1" keeps paged_prefill_sm90.cu.
+# K/V ring depths, Q buffers and the grid (persistent: one CTA per SM walking the items;
+# else one CTA per item). ws passed every kernel test on H100 and ran 1.1-1.55x v1 there
+# (benches/RESULTS.md, 2026-11-26); the backend/engine tests (tests/gpu) have not yet run
+# with ws as the default, so v1 stays the default until they have.
+# KVSERVE_SM90_PREFILL=ws|v1 overrides it (device runs that test the other one as default).
+SM90_PREFILL_KERNEL = os.environ.get("KVSERVE_SM90_PREFILL", "v1")
+SM90_WS_STAGES = 2  # K ring
+SM90_WS_VSTAGES = 2  # V ring
+SM90_WS_QBUF = 2
+# Softmax with short dependency chains (TREE=1) vs the first, serial one: TREE=1 is
+# compile-checked only (no device run yet), so the device-tested serial one is the default.
+SM90_WS_TREE = False
+# Off-by-default consumer variants, compile-checked only (no device run yet):
+# EX2_BF16X2: P's exponentials as ex2.approx.ftz.bf16x2 (fp16: ex2.approx.f16x2) on packed
+# pairs, row sums in fp32 of the rounded values. Note: ptxas for sm_90a splits each packed ex2
+# into two MUFU.EX2.BF16 + a PRMT (no MUFU saving on Hopper, more instructions per pair).
+# RESCALE_EARLY: O *= the softmax correction between the S(j+1) and P(j) V issues, under the
+# S product (FlashAttention-3's order), not between the P V wait and the next issue.
+SM90_WS_EX2_BF16X2 = False
+SM90_WS_RESCALE_EARLY = False
+SM90_WS_PERSISTENT = True
+# Persistent CTAs take items from an atomic counter (dynamic) instead of a fixed stride.
+SM90_WS_DYNAMIC = True
+_WS_SCHED: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _sm90_ws_sched(dev: int) -> torch.Tensor | None:
+    """The dynamic scheduler's {next item, CTAs done} counters for the current stream.
+
+    The kernel re-arms them (last CTA out), so launches in stream order can share one pair;
+    each stream gets its own. None while a graph capture is under way and no pair exists
+    yet for that stream (allocating then would tie it to the graph's pool): the launch
+    then uses the static schedule.
+    """
+    stream = torch.cuda.current_stream(dev)
+    key = (dev, stream.cuda_stream)
+    t = _WS_SCHED.get(key)
+    if t is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(2, dtype=torch.int32, device=f"cuda:{dev}")
+        _WS_SCHED[key] = t
+    return t
+
+
+def _sm90_ws_smem_bytes(stages: int, vstages: int, qbuf: int) -> int:
+    return (qbuf + stages + vstages) * 128 * SM90_PREFILL_HEAD_DIM * 2 + 1024
+
+
+def sm90_ws_supported(k_cache: torch.Tensor, v_cache: torch.Tensor, layout: str) -> bool:
+    """True where the TMA gather of paged_prefill_sm90_ws can address the cache."""
+    if layout not in LAYOUTS or k_cache.dim() != 4:
+        return False
+    bs = k_cache.shape[2] if layout == "HND" else k_cache.shape[1]
+    return (
+        bs >= 8  # a box of >= 8 rows keeps every box 1024-byte aligned (the swizzle period)
+        and bs & (bs - 1) == 0
+        and all(t.data_ptr() % 16 == 0 for t in (k_cache, v_cache))
+        and all(
+            st * t.element_size() % 16 == 0 for t in (k_cache, v_cache) for st in t.stride()[:3]
+        )
+    )
 
 
 def _sm90_smem_bytes(stages: int) -> int:
@@ -446,11 +551,29 @@ def paged_prefill_sm90(
     max_query_len: int,
     stages: int = SM90_PREFILL_STAGES,
     pipelined: bool = SM90_PREFILL_PIPELINED,
+    kernel: str | None = None,
+    ws_stages: int | None = None,
+    ws_vstages: int | None = None,
+    ws_qbuf: int | None = None,
+    ws_tree: bool | None = None,
+    ws_ex2_bf16x2: bool | None = None,
+    ws_rescale_early: bool | None = None,
+    persistent: bool | None = None,
+    dynamic: bool | None = None,
+    max_ctas: int | None = None,
+    profile_buffer: torch.Tensor | None = None,
 ) -> None:
-    """Same result as paged_attention() for a prefill part, by the Hopper wgmma kernel.
+    """Same result as paged_attention() for a prefill part, by a Hopper wgmma kernel.
 
     Needs an sm_90 device and head_dim 128 (sm90_prefill_supported); max_query_len must
-    cover the new tokens of sequences seq_begin..seq_end.
+    cover the new tokens of sequences seq_begin..seq_end. ``kernel`` "ws" (the
+    warp-specialised TMA kernel, where sm90_ws_supported) or "v1" (paged_prefill_sm90.cu,
+    configured by ``stages``/``pipelined``); None takes SM90_PREFILL_KERNEL. ``max_ctas``
+    caps the persistent grid (tests: many work items per CTA). ``profile_buffer`` (int64
+    [7], zeroed; ws only) selects a build that adds consumer-warp cycle counters into it
+    (benches/gpu/profile_prefill_sm90.py). ``ws_tree`` / ``ws_ex2_bf16x2`` /
+    ``ws_rescale_early`` (None: the SM90_WS_* defaults, all off) select the ws consumer
+    variants described at SM90_WS_TREE.
     """
     nseq = seq_end - seq_begin
     if nseq <= 0 or max_query_len <= 0:
@@ -471,6 +594,38 @@ def paged_prefill_sm90(
     _require(not pipelined or stages == 3, "the pipelined wgmma loop needs stages=3")
     dev = _device_index(q)
     group = Hq // Hkv
+    kernel = SM90_PREFILL_KERNEL if kernel is None else kernel
+    _require(kernel in ("ws", "v1"), f"kernel must be 'ws' or 'v1', got {kernel!r}")
+    if kernel == "ws" and sm90_ws_supported(k_cache, v_cache, layout):
+        _sm90_ws_launch(
+            q,
+            k_cache,
+            v_cache,
+            layout,
+            block_table,
+            query_start_loc,
+            seq_lens,
+            out,
+            scale,
+            seq_begin=seq_begin,
+            nseq=nseq,
+            max_query_len=max_query_len,
+            group=group,
+            hkv=Hkv,
+            block_size=block_size,
+            stages=SM90_WS_STAGES if ws_stages is None else ws_stages,
+            vstages=SM90_WS_VSTAGES if ws_vstages is None else ws_vstages,
+            qbuf=SM90_WS_QBUF if ws_qbuf is None else ws_qbuf,
+            tree=SM90_WS_TREE if ws_tree is None else ws_tree,
+            ex2_bf16x2=SM90_WS_EX2_BF16X2 if ws_ex2_bf16x2 is None else ws_ex2_bf16x2,
+            rescale_early=SM90_WS_RESCALE_EARLY if ws_rescale_early is None else ws_rescale_early,
+            persistent=SM90_WS_PERSISTENT if persistent is None else persistent,
+            dynamic=SM90_WS_DYNAMIC if dynamic is None else dynamic,
+            max_ctas=max_ctas,
+            prof=profile_buffer,
+            dev=dev,
+        )
+        return
     defines = (
         ("GQA", group),
         ("KV_BF16", _DTYPES[q.dtype]),
@@ -491,5 +646,97 @@ def paged_prefill_sm90(
             (block_size, I32),
             (block_size.bit_length() - 1, I32),
             (scale * _LOG2E, F32),
+        ],
+    )
+
+
+def _sm90_ws_launch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    layout: str,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    *,
+    seq_begin: int,
+    nseq: int,
+    max_query_len: int,
+    group: int,
+    hkv: int,
+    block_size: int,
+    stages: int,
+    vstages: int,
+    qbuf: int,
+    tree: bool,
+    persistent: bool,
+    dynamic: bool,
+    max_ctas: int | None,
+    ex2_bf16x2: bool = False,
+    rescale_early: bool = False,
+    prof: torch.Tensor | None,
+    dev: int,
+) -> None:
+    """One launch of paged_prefill_sm90_ws.cu (checks done by paged_prefill_sm90)."""
+    from .tma import TmaDescArg, kv_tensor_map
+
+    _require(
+        stages in (2, 3) and vstages in (2, 3) and qbuf in (1, 2),
+        f"ws stages {stages}/{vstages} / qbuf {qbuf} unsupported",
+    )
+    smem = _sm90_ws_smem_bytes(stages, vstages, qbuf)
+    _require(smem <= 227 * 1024, f"ws stages {stages}+{vstages} + qbuf {qbuf} exceed shared memory")
+    defines = (
+        ("GQA", group),
+        ("KV_BF16", _DTYPES[q.dtype]),
+        ("PROF", int(prof is not None)),
+        ("QBUF", qbuf),
+        ("STAGES", stages),
+        ("TREE", int(tree)),
+        ("VSTAGES", vstages),
+    )
+    # The newer switches are passed only when on, so the default build's options (and cubin)
+    # stay those of before they existed.
+    if ex2_bf16x2:
+        defines += (("EX2_BF16X2", 1),)
+    if rescale_early:
+        defines += (("RESCALE_EARLY", 1),)
+    kern = load_kernel("paged_prefill_sm90_ws.cu", "paged_prefill_sm90_ws", defines, smem, dev)
+    block_shift = block_size.bit_length() - 1
+    box_shift = min(block_shift, 7)
+    n_qtiles = math.ceil(max_query_len * group / SM90_PREFILL_BM)
+    num_items = n_qtiles * hkv * nseq
+    grid = min(num_items, _sm_count(dev)) if persistent else num_items
+    if max_ctas is not None:
+        grid = max(1, min(grid, max_ctas))
+    bt_row = block_table.stride(0)
+    sched = _sm90_ws_sched(dev) if dynamic and grid < num_items else None
+    kern.launch(
+        (grid, 1, 1),
+        (384, 1, 1),
+        [
+            (kv_tensor_map(k_cache, layout, 1 << box_shift), TmaDescArg),
+            (kv_tensor_map(v_cache, layout, 1 << box_shift), TmaDescArg),
+            (q.data_ptr(), PTR),
+            (q.stride(0), I64),
+            (q.stride(1), I64),
+            (block_table.data_ptr() + seq_begin * bt_row * 4, PTR),
+            (bt_row, I32),
+            (query_start_loc.data_ptr() + seq_begin * 4, PTR),
+            (seq_lens.data_ptr() + seq_begin * 4, PTR),
+            (out.data_ptr(), PTR),
+            (out.stride(0), I64),
+            (out.stride(1), I64),
+            (block_shift, I32),
+            (box_shift, I32),
+            (int(layout == "NHD"), I32),
+            (n_qtiles, I32),
+            (hkv, I32),
+            (num_items, I32),
+            (scale * _LOG2E, F32),
+            (sched.data_ptr() if sched is not None else 0, PTR),
+            (prof.data_ptr() if prof is not None else 0, PTR),
         ],
     )

@@ -9,15 +9,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
+from kvserve.model import fused_ops as ops
 from kvserve.model.config import ModelConfig
-from kvserve.model.rope import RotaryEmbedding, apply_rotary
+from kvserve.model.rope import RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
+# The step's rotary input: (cos, sin) rows [T, 1, D] for the torch path, or (positions, cos
+# table, sin table) for the fused kernel, which looks the rows up itself.
+Rope = tuple[torch.Tensor, ...]
 
 
 class RMSNorm(nn.Module):
@@ -27,12 +29,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op, same math
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32 like the reference implementation, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -48,16 +45,26 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
 
-    def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, *rope)
-        out = self.backend.forward(q, k, v.contiguous(), cache[0], cache[1], meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
+                rope: Rope, meta: AttentionMetadata, cache: KVCache, fused: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(attention output, residual + x): the input norm runs here, fused into qkv_proj."""
+        qkv, residual = ops.norm_linear(x, residual, norm, self.qkv_proj, fused)
+        layout = getattr(self.backend, "layout", None)
+        if fused and ops.ROPE_CACHE_WRITE and layout is not None:
+            # rope_qkv stores k/v in the cache itself; the (cuda) backend skips its write.
+            from kvserve.kernels.fused import CacheTarget
+
+            target = CacheTarget(cache[0], cache[1], meta.slot_mapping, layout)
+            q, k, v = ops.rope_qkv(qkv, rope, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, fused, target)
+            out = self.backend.forward(q, k, v, cache[0], cache[1], meta, self.scale,
+                                       kv_written=True)
+        else:
+            q, k, v = ops.rope_qkv(qkv, rope, self.num_heads, self.num_kv_heads,
+                                   self.head_dim, fused)
+            out = self.backend.forward(q, k, v, cache[0], cache[1], meta, self.scale)
+        return ops.linear(out.reshape(-1, self.q_size), self.o_proj, fused), residual
 
 
 class MLP(nn.Module):
@@ -67,9 +74,11 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, fused: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(MLP output, residual + x): the post-attention norm runs here, fused into gate_up."""
+        gate_up, residual = ops.norm_linear(x, residual, norm, self.gate_up_proj, fused)
+        return ops.silu_linear(gate_up, self.down_proj, fused), residual
 
 
 class DecoderLayer(nn.Module):
@@ -80,10 +89,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata,
-                cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope: Rope,
+                meta: AttentionMetadata, cache: KVCache, fused: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (or the embeddings, residual None).
+
+        Returns (this layer's MLP output, the residual stream before it is added): each
+        residual add is fused into the RMSNorm that follows it (and that into the next
+        GEMV where the GEMV kernel runs).
+        """
+        h, residual = self.self_attn(x, residual, self.input_layernorm, rope, meta, cache,
+                                     fused)
+        return self.mlp(h, residual, self.post_attention_layernorm, fused)
 
 
 class LlamaModel(nn.Module):
@@ -99,21 +116,43 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # Fused kernels (model/fused_ops.py) where the cuda backend runs; decided per forward
+        # from the tensors' device, since the model is built on meta and moved afterwards.
+        self.fusable = getattr(backend, "name", "") == "cuda"
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: list[KVCache]) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the step's new tokens."""
         x = self.embed_tokens(input_ids)
-        rope = self.rope.lookup(positions)
+        fused = self.fusable and ops.use_fused_kernels("cuda", x.device, x.dtype)
+        rope: Rope = ((positions, self.rope.cos, self.rope.sin) if fused
+                      else self.rope.lookup(positions))
+        residual = None
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, meta, cache)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, meta, cache, fused)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps, fused)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits for the given rows only (the sampled ones)."""
-        return self.lm_head(hidden).float()
+        fused = self.fusable and ops.use_fused_kernels("cuda", hidden.device, hidden.dtype)
+        return ops.logits(hidden, self.lm_head, fused)
+
+    def weight_bytes_read(self, num_tokens: int) -> int:
+        """Weight bytes a step of num_tokens tokens reads (logits for as many rows).
+
+        Every parameter once, except the embedding table: a step gathers only its tokens'
+        rows of it (unless it is tied to lm_head, which reads it whole).
+        """
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        emb = self.embed_tokens.weight
+        if self.lm_head.weight is not emb:
+            total -= emb.numel() * emb.element_size()
+            total += num_tokens * emb.shape[1] * emb.element_size()
+        return total
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up; name what is missing."""

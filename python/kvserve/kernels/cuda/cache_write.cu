@@ -2,6 +2,20 @@
 // slot = block_id * block_size + offset; a negative slot (padding row) is skipped.
 // One thread moves one 16-byte chunk of one (token, kv head) row of K and of V; the copy is
 // dtype-agnostic (2-byte elements), so one compiled kernel serves bf16 and fp16.
+//
+// Programmatic dependent launch (kernels/ops.py, pdl=True on the decode path): every thread
+// lets the next kernel launch, then waits for its predecessor (the one that wrote k and v)
+// before any read or write; launched without the PDL attribute both are no-ops. The wait comes
+// before the bounds return so the grid never completes ahead of its predecessor (a later
+// kernel's wait only covers this grid, which then covers the one before).
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else  // sm_80: no programmatic launch, nothing to wait for
+#define PDL_TRIGGER()
+#define PDL_WAIT()
+#endif
 
 typedef long long i64;
 
@@ -13,6 +27,8 @@ extern "C" __global__ void cache_write(const unsigned short* __restrict__ k,
                                        unsigned short* __restrict__ v_cache, i64 cache_stride_b,
                                        i64 cache_stride_t, i64 cache_stride_h, int block_size,
                                        int num_tokens, int num_kv_heads, int head_dim) {
+  PDL_TRIGGER();
+  PDL_WAIT();
   const int chunks = head_dim / 8;
   const i64 idx = static_cast<i64>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (idx >= static_cast<i64>(num_tokens) * num_kv_heads * chunks) return;

@@ -15,6 +15,14 @@
 // arrive by 16-byte cp.async into XOR-swizzled shared memory (conflict-free ldmatrix),
 // STAGES deep. Online softmax in the log2 domain (scale * log2(e) folded into S).
 //
+// Programmatic dependent launch (PDL; kernels/ops.py launches the decode path so when
+// KVSERVE_PDL_ATTN is on): both kernels let their successor launch at once and wait
+// (griddepcontrol.wait) for their predecessor before reading anything, every thread before any
+// early return, so each grid completes only after its predecessor did (a successor's wait
+// covers the whole chain). Launched without the PDL attribute (prefill, eager tests) the two
+// instructions do nothing. The o_proj GEMV after merge_splits issues its weight loads before
+// its own wait, so it streams weights while attention and the merge run.
+//
 // Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), HEAD_DIM, GQA, BN, STAGES,
 // WARPS_M, WARPS_N, MT.
 
@@ -46,6 +54,14 @@ constexpr int Q_BYTES = QSMEM ? BM * D * 2 : 0;
 constexpr int ROW_STEP = GROUP_THREADS / CHUNKS;  // tile rows loaded per pass
 constexpr int ROWS_PER_THREAD = BN * CHUNKS / GROUP_THREADS;
 #define NEG_INF (-__int_as_float(0x7f800000))
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#else  // sm_80: no programmatic launch, nothing to wait for
+#define PDL_TRIGGER()
+#define PDL_WAIT()
+#endif
 
 static_assert(D % 16 == 0 && D >= 16, "HEAD_DIM must be a multiple of 16");
 static_assert(BN % 16 == 0, "BN must be a multiple of 16");
@@ -135,6 +151,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
     int token_base, int part_tokens, int num_splits, int split_tokens, int block_size,
     int block_shift, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem[];
+  PDL_TRIGGER();
+  PDL_WAIT();  // q and the cache rows come from the kernels before this one
 
   const int seq = blockIdx.z;
   const int kvh = blockIdx.y;
@@ -465,6 +483,8 @@ extern "C" __global__ void merge_splits(const float* __restrict__ part_o,
   __shared__ float lse_s[MAX_SPLITS];
   __shared__ float red[MERGE_LANES][D + 4];
   __shared__ float red_l[MERGE_LANES];
+  PDL_TRIGGER();  // the o_proj GEMV may start streaming its weights now
+  PDL_WAIT();     // part_o / part_lse come from paged_attention
   const int t = blockIdx.x;  // relative to token_base
   const int head = blockIdx.y;
   const int num_hq = gridDim.y;

@@ -1,0 +1,169 @@
+"""The decoder's small ops, each as plain torch and (on CUDA with the cuda backend) one kernel.
+
+The model calls these functions with a `fused` flag it decides per forward (its backend is
+the cuda one and `use_fused_kernels` holds for the tensors); the torch versions are the
+definitions the kernels in kernels/cuda/fused_ops.cu must equal (tests/gpu/test_fused_ops.py).
+ENABLED turns the kernels off everywhere (e.g. to compare against the torch path on the same
+device).
+
+Environment switches (read at import; "0" turns one off, every one defaults to on):
+- KVSERVE_FUSED_OPS: all fused kernels (ENABLED).
+- KVSERVE_GEMV_MAX_ROWS=n: nn.Linear of up to n rows on the GEMV kernel (default 1).
+- KVSERVE_PDL (kernels/fused.py PDL): programmatic dependent launch for fused_ops.cu kernels.
+- KVSERVE_PDL_ATTN (kernels/fused.py PDL_ATTENTION; off also when KVSERVE_PDL=0): the cuda
+  backend's cache_write, decode paged_attention and merge_splits launch with PDL on sm_90, so
+  the o_proj GEMV that follows streams its weights while attention runs.
+- KVSERVE_ROPE_CACHE_WRITE (ROPE_CACHE_WRITE): on the fused path rope_qkv also stores the
+  rotated k and v in the layer's paged cache and the backend skips its cache_write
+  (kv_written=True): one launch and one dependent step less per layer.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.model.rope import apply_rotary
+
+# KVSERVE_FUSED_OPS=0 / KVSERVE_GEMV_MAX_ROWS=n: A/B switches for benchmarks, read at import.
+ENABLED = os.environ.get("KVSERVE_FUSED_OPS", "1") != "0"
+# nn.Linear goes to the GEMV kernel up to this many rows (cuBLAS above; 0: never). Chosen
+# by measurement on H100 (benches/RESULTS.md, "End-to-end decode").
+GEMV_MAX_ROWS = int(os.environ.get("KVSERVE_GEMV_MAX_ROWS", "1"))
+# rope_qkv writes K/V into the paged cache itself (fused path only; see the docstring).
+ROPE_CACHE_WRITE = os.environ.get("KVSERVE_ROPE_CACHE_WRITE", "1") != "0"
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def use_fused_kernels(backend_name: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Fused kernels only where the cuda attention backend runs (CUDA, bf16/fp16)."""
+    return ENABLED and backend_name == "cuda" and device.type == "cuda" \
+        and dtype in _KERNEL_DTYPES
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm: normalise in fp32, round to the dtype, then scale in the dtype."""
+    if x.dtype == torch.float32:  # one fused op, same math
+        return F.rms_norm(x, weight.shape, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x); residual None means x is the residual.
+
+    The fused kernel updates `residual` in place (a layer's residual stream is its own).
+    """
+    if fused:
+        from kvserve.kernels import fused as k
+
+        if residual is None:
+            return k.add_rms_norm(x, None, weight, eps), x
+        return k.add_rms_norm(x, residual, weight, eps), residual
+    if residual is not None:
+        x = residual + x
+    return rms_norm(x, weight, eps), x
+
+
+def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
+    """silu(gate) * up for gate_up [T, 2 * inter] (gate columns first)."""
+    if fused:
+        from kvserve.kernels import fused as k
+
+        return k.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _gemv(x: torch.Tensor, fused: bool, layer: torch.nn.Linear | None = None,
+          prologue: str = "none") -> bool:
+    if not (fused and 0 < x.shape[0] <= GEMV_MAX_ROWS and x.is_contiguous()):
+        return False
+    if layer is None or prologue == "none":
+        return True
+    from kvserve.kernels import fused as k
+
+    return k.gemv_fits(x.shape[0], layer.in_features, x.dtype, prologue)
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear, fused: bool) -> torch.Tensor:
+    """layer(x); few-row inputs go to the GEMV kernel where it was measured faster."""
+    if _gemv(x, fused):
+        from kvserve.kernels import fused as k
+
+        return k.gemv(x, layer.weight, layer.bias)[0]
+    return layer(x)
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module,
+                layer: torch.nn.Linear, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer(rms_norm(residual + x)), residual + x): add_rms_norm, then linear.
+
+    With the GEMV, one kernel: the add and the norm are its prologue.
+    """
+    if _gemv(x, fused, layer, "add_norm") and (residual is None or residual.is_contiguous()):
+        from kvserve.kernels import fused as k
+
+        out, residual = k.gemv(x, layer.weight, layer.bias, prologue="add_norm",
+                               residual=residual, norm_weight=norm.weight, eps=norm.eps)
+        return out, residual  # type: ignore[return-value]
+    h, residual = add_rms_norm(x, residual, norm.weight, norm.eps, fused)
+    return linear(h, layer, fused), residual
+
+
+def silu_linear(gate_up: torch.Tensor, layer: torch.nn.Linear, fused: bool) -> torch.Tensor:
+    """layer(silu(gate) * up); with the GEMV, SiLU-and-mul is its prologue."""
+    if _gemv(gate_up, fused, layer, "silu_mul"):
+        from kvserve.kernels import fused as k
+
+        return k.gemv(gate_up, layer.weight, layer.bias, prologue="silu_mul")[0]
+    return linear(silu_mul(gate_up, fused), layer, fused)
+
+
+def logits(hidden: torch.Tensor, lm_head: torch.nn.Linear, fused: bool) -> torch.Tensor:
+    """fp32 lm_head(hidden): rounded to the model dtype, then widened."""
+    if _gemv(hidden, fused):
+        from kvserve.kernels import fused as k
+
+        return k.gemv(hidden, lm_head.weight, lm_head.bias, out_f32=True)[0]
+    return lm_head(hidden).float()
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1) (the first of equal maxima), one kernel on CUDA when enabled."""
+    if ENABLED and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 \
+            and logits.stride(1) == 1 and logits.shape[1] > 0:
+        from kvserve.kernels import fused as k
+
+        return k.argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
+def rope_qkv(qkv: torch.Tensor, rope: tuple[torch.Tensor, ...], num_heads: int,
+             num_kv_heads: int, head_dim: int, fused: bool, cache: object | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split qkv [T, (Hq + 2 Hkv) * D] into q, k, v heads; rotate q and k (rotate-half).
+
+    rope: (positions, cos table, sin table) when fused (the kernel looks rows up itself),
+    else (cos, sin) [T, 1, D] looked up once per step (RotaryEmbedding.lookup).
+    cache (fused only; a kernels.fused.CacheTarget): also store k and v in that paged cache,
+    as ops.cache_write would; the caller then passes kv_written=True to the backend.
+    """
+    if fused:
+        from kvserve.kernels import fused as k
+
+        positions, cos, sin = rope
+        return k.rope_qkv(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim,
+                          cache)  # type: ignore[arg-type]
+    if cache is not None:
+        raise ValueError("rope_qkv stores into the cache only on the fused path")
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k_, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+    q = q.view(-1, num_heads, head_dim)
+    k_ = k_.view(-1, num_kv_heads, head_dim)
+    q, k_ = apply_rotary(q, k_, *rope)
+    return q, k_, v.reshape(-1, num_kv_heads, head_dim).contiguous()
