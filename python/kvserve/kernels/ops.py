@@ -451,11 +451,10 @@ SM90_PREFILL_ENABLED = True
 # warpgroups, 384 threads), persistent grid. "ws" selects it where the cache allows TMA
 # (sm90_ws_supported; else paged_prefill_sm90.cu runs); "v1" keeps paged_prefill_sm90.cu.
 # K/V ring depths, Q buffers and the grid (persistent: one CTA per SM walking the items;
-# else one CTA per item). ws passed every kernel test on H100 and ran 1.1-1.55x v1 there
-# (benches/RESULTS.md, 2026-11-26); the backend/engine tests (tests/gpu) have not yet run
-# with ws as the default, so v1 stays the default until they have.
-# KVSERVE_SM90_PREFILL=ws|v1 overrides it (device runs that test the other one as default).
-SM90_PREFILL_KERNEL = os.environ.get("KVSERVE_SM90_PREFILL", "v1")
+# else one CTA per item). ws is the default: on H100 it passed every kernel test and, with it
+# as the default, the whole of tests/gpu (backend, engine, CUDA graphs), and ran 1.3-1.5x v1
+# (benches/RESULTS.md, 2026-11-26 16:20 UTC). KVSERVE_SM90_PREFILL=v1|ws overrides it.
+SM90_PREFILL_KERNEL = os.environ.get("KVSERVE_SM90_PREFILL", "ws")
 SM90_WS_STAGES = 2  # K ring
 SM90_WS_VSTAGES = 2  # V ring
 SM90_WS_QBUF = 2
