@@ -55,10 +55,10 @@ def _run(path: Path, prompts: list[list[int]], **engine_args: Any
     seen: list[tuple[torch.Tensor, list[int]]] = []
     sampler = llm.engine.sampler
 
-    def spy(logits: torch.Tensor, rows: Any) -> Any:  # record every row's context and logits
-        for i, r in enumerate(rows):
+    def spy(logits: torch.Tensor, rows: Any, greedy: torch.Tensor | None = None) -> Any:
+        for i, r in enumerate(rows):  # record every row's context and logits
             seen.append((logits[i].clone(), r.prompt_token_ids + r.output_token_ids))
-        return sampler(logits, rows)
+        return sampler(logits, rows, greedy)
 
     llm.engine.sampler = spy  # type: ignore[assignment]
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

@@ -137,11 +137,12 @@ class DecodeGraphs:
         # Padding rows: no cache write (slot -1) and a one-token context in block 0.
         self._h_slots[n:bs] = -1
         self._h_lens[n:bs] = 1
-        self._h_table[:n, :width] = plan.block_table
-        self._h_table[n:bs, 0] = 0
         # One upload: the small arrays, then whole block-table rows [:bs] (entries past a
         # row's length are never read); a wide table goes up as its used columns only.
         whole_rows = bs * self.max_blocks * 4 <= _MAX_TABLE_UPLOAD
+        if whole_rows:
+            self._h_table[:n, :width] = plan.block_table
+            self._h_table[n:bs, 0] = 0
         end = self._offsets[4] + (bs * self.max_blocks * 4 if whole_rows else 0)
         self._dev[:end].copy_(self._host[:end], non_blocking=True)
         self._uploaded.record()

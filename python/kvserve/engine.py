@@ -85,9 +85,8 @@ class LLMEngine:
             return []
         try:
             logits = self.runner.execute(plan)
-            greedy = self.runner.last_greedy  # argmax from the decode graph, if it ran
-            extra = {} if greedy is None else {"greedy": greedy}
-            sampled = self.sampler(logits, rows, **extra) if rows else None
+            # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
+            sampled = self.sampler(logits, rows, self.runner.last_greedy) if rows else None
         except Exception as exc:  # a failed forward ends its requests, not the engine
             log.exception("engine step failed")
             return self._fail(plan, f"{type(exc).__name__}: {exc}")
