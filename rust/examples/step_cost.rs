@@ -5,7 +5,9 @@
 //! Prints the minimum and median of the whole step, of `schedule` (including the plan's
 //! block table synced into one of two recycled buffers, as the Python binding does) and
 //! of `commit`. On a shared box compare builds
-//! by interleaving their runs and looking at minimums.
+//! by interleaving their runs and looking at minimums. `STEADY=0` turns the steady-batch
+//! shortcut off (the full path every step); `STEP_DUMP=1` also prints every step's
+//! schedule / commit / total microseconds.
 //!
 //! Run: cargo run --release --example step_cost -- [num_seqs] [steps]
 
@@ -33,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Config::default()
     };
     let mut s = Scheduler::new(cfg)?;
+    s.set_steady_path(std::env::var("STEADY").map_or(true, |v| v != "0"));
     let mut x = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = move || {
         x ^= x << 13;
@@ -85,6 +88,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sched.push((t1 - t0).as_secs_f64() * 1e6);
         commit.push((t2 - t1).as_secs_f64() * 1e6);
         total.push((t3 - t0).as_secs_f64() * 1e6);
+    }
+    if std::env::var("STEP_DUMP").is_ok() {
+        for (i, ((a, b), t)) in sched.iter().zip(&commit).zip(&total).enumerate() {
+            println!("{i} {a:.1} {b:.1} {t:.1}");
+        }
     }
     let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
     let mut sorted = total.clone();

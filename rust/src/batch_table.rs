@@ -184,6 +184,12 @@ impl BatchTable {
         self.row_of_slot[slot] = i as u32;
     }
 
+    /// Blocks row `i` holds.
+    #[inline]
+    pub fn row_len(&self, i: usize) -> usize {
+        self.lens[i] as usize
+    }
+
     /// Block `j` of row `i` (the caller knows it was set).
     #[inline]
     pub fn block(&self, i: usize, j: usize) -> i32 {

@@ -10,6 +10,8 @@ pub enum MetricValue {
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub steps: u64,
+    /// Steps planned from the steady decode batch (no request record visited).
+    pub steps_steady: u64,
     pub prefix_queries_tokens: u64,
     pub prefix_hits_tokens: u64,
     pub preemptions_recompute: u64,
@@ -89,6 +91,7 @@ impl Scheduler {
             ("seqs_scheduled_last_step", Int(c.seqs_scheduled_last_step)),
             ("tokens_scheduled_total", Int(c.tokens_scheduled_total)),
             ("steps", Int(c.steps)),
+            ("steps_steady", Int(c.steps_steady)),
             ("requests_added", Int(c.requests_added)),
             ("requests_finished", Int(c.requests_finished)),
             ("requests_aborted", Int(c.requests_aborted)),

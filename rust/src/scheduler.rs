@@ -87,6 +87,61 @@ struct Scratch {
     output: Option<StepOutput>,
 }
 
+/// The last plan when it was decode-only, as dense columns, so that the next step, if
+/// nothing but its commit happened in between, is planned from these alone: every row
+/// advances one position and takes the token just sampled, and only a row that starts a
+/// new block visits its request record (to grow). A steady decode batch then costs a few
+/// sequential passes over small arrays instead of a visit to every request record.
+#[derive(Debug, Default)]
+struct SteadyBatch {
+    /// The plan these columns describe (u64::MAX: none).
+    plan_id: u64,
+    /// That plan was committed with every row sampled and none finished, nothing else is
+    /// running, waiting or swapped, and no request was added or ended since.
+    committed: bool,
+    handles: Vec<u64>,
+    positions: Vec<i64>,
+    slot_mapping: Vec<i64>,
+    /// No request ended since that plan was made: all its rows still run.
+    intact: bool,
+    /// The tokens its commit sampled: the next step's input ids.
+    tokens: Vec<i64>,
+    max_blocks: usize,
+    /// Each row's stop conditions (fixed for a request's life), so commit reads its
+    /// record only when a token may stop it.
+    stops: Vec<StopRule>,
+    /// Rows that need a new block this step (scratch).
+    growing: Vec<usize>,
+}
+
+/// A request's stop conditions, copied from its record (see `Request::stop_reason`).
+#[derive(Debug, Clone, Copy)]
+struct StopRule {
+    min_len: usize,
+    length_limit: usize,
+    stop_eos: i64,
+    has_stop_ids: bool,
+}
+
+impl StopRule {
+    fn of(r: &Request) -> Self {
+        StopRule {
+            min_len: r.min_len,
+            length_limit: r.length_limit,
+            stop_eos: r.stop_eos,
+            has_stop_ids: r.has_stop_ids,
+        }
+    }
+
+    /// False when `Request::stop_reason` surely returns None for a request holding
+    /// `num_tokens` tokens, the newest `token`.
+    #[inline]
+    fn may_stop(&self, num_tokens: usize, token: i64) -> bool {
+        num_tokens >= self.length_limit
+            || (num_tokens >= self.min_len && (token == self.stop_eos || self.has_stop_ids))
+    }
+}
+
 /// What `request_stats` reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestStats {
@@ -124,6 +179,9 @@ pub struct Scheduler {
     /// Each request's latest output tokens, by slot.
     pub(crate) recent: RecentTokens,
     scratch: Scratch,
+    steady: SteadyBatch,
+    /// Whether `schedule` may take the steady-batch path (on; tests compare both ways).
+    steady_path: bool,
 }
 
 fn key(r: &Request, slot: usize) -> QueueKey {
@@ -158,7 +216,19 @@ impl Scheduler {
             batch: BatchTable::default(),
             recent: RecentTokens::default(),
             scratch: Scratch::default(),
+            steady: SteadyBatch {
+                plan_id: u64::MAX,
+                ..SteadyBatch::default()
+            },
+            steady_path: true,
         })
+    }
+
+    /// Turns the steady-batch shortcut of `schedule` on or off (on by default). Plans are
+    /// identical either way; tests and benchmarks compare the two.
+    pub fn set_steady_path(&mut self, on: bool) {
+        self.steady_path = on;
+        self.steady.committed = false;
     }
 
     pub fn config(&self) -> &Config {
@@ -272,6 +342,7 @@ impl Scheduler {
         };
         self.waiting.insert(key(&req, slot));
         self.slots[slot] = Some(req);
+        self.steady.committed = false;
         self.recent.ensure_slots(self.slots.len());
         self.by_id.insert(id, slot);
         self.counters.requests_added += 1;
@@ -295,6 +366,9 @@ impl Scheduler {
         }
         if let Some(p) = self.pending.take() {
             self.recycle(p);
+        }
+        if let Some(plan) = self.schedule_steady() {
+            return Ok(plan);
         }
         let mut budget = self.cfg.max_num_batched_tokens;
         let mut sched = std::mem::take(&mut self.scratch.sched);
@@ -384,6 +458,122 @@ impl Scheduler {
         self.scratch.chunks = chunks;
         let plan = self.build_plan(sched, swap_out, swap_in, copies);
         Ok(plan)
+    }
+
+    /// The next plan of a steady decode batch (see `SteadyBatch`), or None when the full
+    /// path must run: something other than the last commit happened, or the rows that
+    /// start a new block need more blocks than are free (the full path preempts).
+    fn schedule_steady(&mut self) -> Option<Plan> {
+        let n = self.steady.handles.len();
+        if !(self.steady_path
+            && self.steady.committed
+            && self.waiting.is_empty()
+            && self.swapped.is_empty()
+            && self.running.len() == n
+            && self.scratch.seqs.len() == n
+            && self.scratch.samples.len() == n)
+        {
+            return None;
+        }
+        let shift = self.cfg.block_shift();
+        let mask = (self.cfg.block_size - 1) as i64;
+        let mut sb = std::mem::take(&mut self.steady);
+        // A row's new token at position p needs block p >> shift; only a row whose p
+        // starts a block can lack it (the last step covered position p - 1).
+        sb.growing.clear();
+        for (i, &p) in sb.positions.iter().enumerate() {
+            let p = p + 1;
+            if p & mask == 0 && (p >> shift) as usize >= self.batch.row_len(i) {
+                sb.growing.push(i);
+            }
+        }
+        if sb.growing.len() > self.gpu.num_available() {
+            sb.committed = false;
+            self.steady = sb;
+            return None;
+        }
+        sb.committed = false;
+        for &i in &sb.growing {
+            sb.max_blocks = sb.max_blocks.max(self.batch.row_len(i) + 1);
+        }
+        self.batch.begin(n, sb.max_blocks, self.slots.len());
+        for &i in &sb.growing {
+            // Rows grow in row order, as the full path grows them: same blocks.
+            let slot = self.scratch.seqs[i].0;
+            self.grow(slot, 1);
+            let r = self.slots[slot]
+                .as_ref()
+                .expect("steady row holds a request");
+            let key = RowKey {
+                handle: r.handle,
+                blocks_gen: r.blocks_gen,
+            };
+            self.batch
+                .set_row(i, slot, key, r.blocks.len(), || &r.blocks);
+        }
+        let batch = &self.batch;
+        for (i, (p, sm)) in sb
+            .positions
+            .iter_mut()
+            .zip(sb.slot_mapping.iter_mut())
+            .enumerate()
+        {
+            *p += 1;
+            *sm = if *p & mask != 0 {
+                *sm + 1
+            } else {
+                i64::from(batch.block(i, (*p >> shift) as usize)) << shift
+            };
+        }
+        self.batch.finish(n);
+
+        let mut plan = self.scratch.plan.take().unwrap_or_default();
+        plan.id = self.next_plan_id;
+        self.next_plan_id += 1;
+        plan.num_seqs = n;
+        plan.num_tokens = n;
+        plan.num_decodes = n;
+        plan.max_blocks = sb.max_blocks;
+        for (dst, src) in [
+            (&mut plan.handles, &sb.handles),
+            (&mut plan.sample_handles, &sb.handles),
+        ] {
+            dst.clear();
+            dst.extend_from_slice(src);
+        }
+        for (dst, src) in [
+            (&mut plan.input_ids, &sb.tokens),
+            (&mut plan.positions, &sb.positions),
+            (&mut plan.slot_mapping, &sb.slot_mapping),
+        ] {
+            dst.clear();
+            dst.extend_from_slice(src);
+        }
+        plan.query_start_loc.clear();
+        plan.query_start_loc.extend(0..=n as i32);
+        plan.seq_lens.clear();
+        plan.seq_lens
+            .extend(sb.positions.iter().map(|&p| (p + 1) as i32));
+        plan.logits_indices.clear();
+        plan.logits_indices.extend(0..n as i64);
+        plan.swap_out.clear();
+        plan.swap_in.clear();
+        plan.copies.clear();
+        // The last plan's rows, unchanged: (slot, handle, 1) and (slot, handle).
+        self.pending = Some(Pending {
+            plan_id: plan.id,
+            seqs: std::mem::take(&mut self.scratch.seqs),
+            samples: std::mem::take(&mut self.scratch.samples),
+        });
+        sb.plan_id = plan.id;
+        sb.intact = true;
+        self.steady = sb;
+        self.counters.steps += 1;
+        self.counters.steps_steady += 1;
+        self.counters.tokens_scheduled_last_step = n as u64;
+        self.counters.seqs_scheduled_last_step = n as u64;
+        self.counters.tokens_scheduled_total += n as u64;
+        Some(plan)
     }
 
     /// The latest plan's block table: row-major [num_seqs, max_blocks], padded with -1.
@@ -846,6 +1036,34 @@ impl Scheduler {
         batch.finish(num_seqs);
         self.scratch.sched = ordered;
         self.scratch.ordered = spare;
+        // A decode-only plan is kept as the steady batch the next step may start from.
+        let sb = &mut self.steady;
+        sb.committed = false;
+        if num_decodes == num_seqs && num_seqs > 0 && self.steady_path {
+            sb.plan_id = plan.id;
+            sb.intact = true;
+            sb.max_blocks = max_blocks;
+            for (dst, src) in [
+                (&mut sb.positions, &plan.positions),
+                (&mut sb.slot_mapping, &plan.slot_mapping),
+            ] {
+                dst.clear();
+                dst.extend_from_slice(src);
+            }
+            sb.handles.clear();
+            sb.handles.extend_from_slice(&plan.handles);
+            sb.stops.clear();
+            let slots = &self.slots;
+            sb.stops.extend(self.scratch.sched.iter().map(|s| {
+                StopRule::of(
+                    slots[s.slot]
+                        .as_ref()
+                        .expect("scheduled slot holds a request"),
+                )
+            }));
+        } else {
+            sb.plan_id = u64::MAX;
+        }
         self.counters.steps += 1;
         self.counters.tokens_scheduled_last_step = num_tokens as u64;
         self.counters.seqs_scheduled_last_step = num_seqs as u64;
@@ -904,9 +1122,46 @@ impl Scheduler {
         out.finish_reasons.clear();
         out.finished_ids.clear();
         let mut any_finished = false;
+        // A steady batch's plan with no request ended since: every row is a running
+        // decode with a sample, so the checks below are not needed.
+        let steady = self.steady.plan_id == plan_id && self.steady.intact;
+        if steady {
+            out.handles.extend_from_slice(&self.steady.handles);
+            out.token_ids.extend_from_slice(sampled);
+        }
+        let mask = bs - 1;
+        // Taken out for the loop (`remove` needs all of self); put back below.
+        let sb = std::mem::take(&mut self.steady);
+        let rows = p.seqs.iter().zip(sampled).zip(&sb.positions);
+        for (((&(slot, handle, _), &tok), &pos), rule) in rows.zip(&sb.stops).filter(|_| steady) {
+            let r = self.slots[slot]
+                .as_mut()
+                .expect("steady row holds a request");
+            r.num_computed += 1;
+            // Every commit registers the blocks it fills, so only a step that fills one
+            // has anything to register (and only then is the record's second line read).
+            if caching && r.num_computed & mask == 0 {
+                register_full_blocks(r, slot, &self.recent, &mut self.gpu, &mut self.prefix, bs);
+            }
+            self.recent.push(r, slot, tok);
+            r.last_token = tok;
+            // Tokens once `tok` is appended: its position, one past the input's.
+            let num_tokens = pos as usize + 2;
+            debug_assert_eq!(num_tokens, r.num_tokens());
+            if !rule.may_stop(num_tokens, tok) {
+                continue;
+            }
+            if let Some(reason) = r.stop_reason(tok) {
+                out.finished_handles.push(handle);
+                out.finish_reasons.push(reason);
+                out.finished_ids.push(r.cold.id.clone());
+                self.remove(slot, reason, false);
+                any_finished = true;
+            }
+        }
         // One pass: sampled rows are a subsequence of the plan's sequences, in order.
         let mut next_sample = 0;
-        for &(slot, handle, num_new) in &p.seqs {
+        for &(slot, handle, num_new) in p.seqs.iter().filter(|_| !steady) {
             let tok = match p.samples.get(next_sample) {
                 Some(&(s, h)) if s == slot && h == handle => {
                     next_sample += 1;
@@ -941,6 +1196,19 @@ impl Scheduler {
             let slots = &self.slots;
             self.running.retain(|&s| slots[s].is_some());
         }
+        self.steady = sb;
+        // Every row of a steady batch's plan took its token and runs on: the next step
+        // may start from the batch.
+        let sb = &mut self.steady;
+        sb.committed = !any_finished
+            && sb.plan_id == plan_id
+            && sb.intact
+            && sb.handles.len() == p.seqs.len()
+            && out.handles.len() == p.seqs.len();
+        if sb.committed {
+            sb.tokens.clear();
+            sb.tokens.extend_from_slice(sampled);
+        }
         self.recycle(p);
         Ok(out)
     }
@@ -961,6 +1229,8 @@ impl Scheduler {
         let Some(&slot) = self.by_id.get(id) else {
             return false;
         };
+        self.steady.committed = false;
+        self.steady.intact = false;
         self.remove(slot, reason, aborted);
         self.running.retain(|&s| s != slot);
         true
