@@ -28,16 +28,28 @@ from kvserve.kernels import ops
 DT = torch.bfloat16
 L2_BYTES = 50 * 2**20
 
-# The ws kernel's off-by-default consumer switches (ops.SM90_WS_TREE, SM90_WS_EX2_BF16X2,
-# SM90_WS_RESCALE_EARLY), timed beside ws at its defaults (prefill variant rows, and the
+# The ws kernel's consumer switches (ops.SM90_WS_UNIFORM_ROLE, SM90_WS_DESC_INC,
+# SM90_WS_LAZY_RESCALE, on by default) turned off, alone or together, timed beside ws at its defaults (prefill variant rows, and the
 # interleaved A/B of benches/gpu/sm90_ws_variants.py). run_prefill_sm90_gpu.sh smoke-checks
 # each first and leaves out those that fail or hang (--skip-variants).
 SM90_WS_SWITCH_VARIANTS: dict[str, dict] = {
-    "ws-tree": {"kernel": "ws", "ws_tree": True},
-    "ws-ex2": {"kernel": "ws", "ws_ex2_bf16x2": True},
-    "ws-rescale-early": {"kernel": "ws", "ws_rescale_early": True},
-    "ws-tree-rescale": {"kernel": "ws", "ws_tree": True, "ws_rescale_early": True},
-    "ws-fast": {"kernel": "ws", "ws_tree": True, "ws_ex2_bf16x2": True, "ws_rescale_early": True},
+    # all off: the kernel of 2026-11-26 16:30 UTC (560 TFLOP/s)
+    "ws-off": {
+        "kernel": "ws",
+        "ws_uniform_role": False,
+        "ws_desc_inc": False,
+        "ws_lazy_rescale": False,
+        "ws_xover": False,
+    },
+    "ws-no-lazy": {"kernel": "ws", "ws_lazy_rescale": False},
+    "ws-lazy-only": {
+        "kernel": "ws",
+        "ws_uniform_role": False,
+        "ws_desc_inc": False,
+        "ws_xover": False,
+    },
+    "ws-no-xover": {"kernel": "ws", "ws_xover": False},
+    "ws-v3": {"kernel": "ws", "ws_vstages": 3},  # not a switch: the V ring one stage deeper
 }
 
 

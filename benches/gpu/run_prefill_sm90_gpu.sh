@@ -8,11 +8,11 @@
 # Usage (device tool, carry=["dist"]): bash benches/gpu/run_prefill_sm90_gpu.sh
 # Knobs: TESTS=1 BENCH=1 AB=1 WAITS=1 GPUTESTS=0 PROFILE=0 (ncu of one kernel: PROFILE=ws|v1),
 # TESTS_K (pytest -k), COMPILE_TESTS= (skip the NVRTC tests), BENCH_ARGS (e.g. --no-variants).
-# SWITCHES=1: the ws kernel's off-by-default consumer switches (bench_attention.py
-# SM90_WS_SWITCH_VARIANTS: ws-tree, ws-ex2, ws-rescale-early, ws-tree-rescale, ws-fast) get
+# SWITCHES=1: the ws kernel with its consumer switches turned off (bench_attention.py
+# SM90_WS_SWITCH_VARIANTS: ws-off, ws-no-lazy, ws-lazy-only, ws-no-xover; SW_ALL picks) gets
 # a smoke check each (own process and timeout, so a hang costs one step); those that fail are
 # left out of the tests and the bench; their tests run as a separate step after the bench;
-# then an interleaved A/B against ws default (SWAB=1) and, with WAITS=1, their cycle counters.
+# then an interleaved A/B against ws default (SWAB=1, SWAB_ROUNDS=7) and, with WAITS=1, their cycle counters.
 # BUDGET_S=560: steps after the bench get at most what is left of it (each step's own limit
 # is the cap; a step with < 30 s left is skipped and says so), so the summary is printed
 # inside the device tool's 600 s (a plain run may reach it: later steps then drop); leaner:
@@ -45,9 +45,9 @@ echo "smoke rc=$SMOKE" >> /tmp/smoke.log
 cat /tmp/smoke.log >> "$OUT/gpu.txt"
 
 # The switch variants: smoke each (default ws passed first). GOOD / BAD: bench names;
-# NEW_K: their test ids in tests/gpu/test_prefill_sm90.py (ws-tree: the existing
-# ws-tree-softmax, in the main test step). The other switch tests run in their own step.
-SW_ALL="ws-tree ws-ex2 ws-rescale-early ws-tree-rescale ws-fast"
+# NEW_K: their test ids in tests/gpu/test_prefill_sm90.py (ws-lazy-only has none), run in
+# their own step.
+SW_ALL="${SW_ALL:-ws-off ws-no-lazy ws-lazy-only ws-no-xover}"
 GOOD=""; BAD=""; SW_RAN=0
 rm -f /tmp/smoke_sw.log /tmp/sass_sw.log  # a warm machine keeps /tmp between calls
 if [ "${SWITCHES:-1}" = 1 ] && [ $SMOKE = 0 ]; then
@@ -63,11 +63,11 @@ if [ "${SWITCHES:-1}" = 1 ] && [ $SMOKE = 0 ]; then
 else
   BAD="$SW_ALL"
 fi
-test_id() { case "$1" in ws-tree) echo ws-tree-softmax ;; *) echo "$1" ;; esac; }
-NOT_NEW="not ws-ex2 and not ws-rescale-early and not ws-tree-rescale and not ws-fast"
+test_id() { case "$1" in ws-lazy-only | ws-v3) echo "" ;; *) echo "$1" ;; esac; }
+NOT_NEW="not ws-off and not ws-no-lazy and not ws-no-xover"
 NEW_K=""
 for v in $GOOD; do
-  t=$(test_id "$v"); [ -n "$t" ] && [ "$t" != ws-tree-softmax ] && NEW_K="${NEW_K:+$NEW_K or }$t"
+  t=$(test_id "$v"); [ -n "$t" ] && NEW_K="${NEW_K:+$NEW_K or }$t"
 done
 SKIP=$(echo $BAD | tr ' ' ',')
 
@@ -75,7 +75,6 @@ SKIP=$(echo $BAD | tr ' ' ',')
 # results: the ws tests alone (which cases fail). A hang: none (each ws test could hang again).
 if [ "${TESTS:-1}" = 1 ] && [ $SMOKE != 124 ]; then
   K="${TESTS_K:-}"; [ $SMOKE != 0 ] && K="ws"
-  [ $SW_RAN = 1 ] && case " $BAD " in *" ws-tree "*) K="${K:+($K) and }not ws-tree-softmax" ;; esac
   K="${K:+($K) and }$NOT_NEW"
   T=$(tlim 240 150)  # keep 150 s for the bench
   [ $T -lt 30 ] && T=30
@@ -110,7 +109,8 @@ GOOD_CSV=$(echo $GOOD | tr ' ' ',')
 T=$(tlim 150)
 if [ "${SWAB:-1}" = 1 ] && [ -n "$GOOD_CSV" ]; then
   if [ $T -ge 30 ]; then
-    timeout $T python3 benches/gpu/sm90_ws_variants.py --ab "$GOOD_CSV" >> "$OUT/ab_waits.log" 2>&1
+    timeout $T python3 benches/gpu/sm90_ws_variants.py --ab "$GOOD_CSV" ${SWAB_ROUNDS:-7} \
+      >> "$OUT/ab_waits.log" 2>&1
     echo "ab-switches rc=$? (limit $T s)" >> "$OUT/ab_waits.log"
   else
     echo "ab-switches: skipped (time budget)" >> "$OUT/ab_waits.log"
