@@ -125,7 +125,7 @@ def test_fused_ops_compile_without_spills(tmp_path, monkeypatch, bf16, gemv_m, p
     assert k.cubin[:4] == b"\x7fELF"
     if _has_report(k.log):
         for fn in ("add_rms_norm", "silu_mul", "rope_qkv", "gemv", "argmax_partial",
-                   "argmax_final"):
+                   "argmax_final", "advance_decode"):
             assert f"Function properties for {fn}" in k.log, k.log
         assert all(s == "0" for s in re.findall(r"(\d+) bytes spill stores", k.log)), k.log
 
@@ -148,7 +148,10 @@ def test_sm90_ws_prefill_compiles_without_spills(
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
     defines = {"GQA": gqa, "KV_BF16": bf16, "QBUF": qbuf, "STAGES": stages, "VSTAGES": vstages}
     defines["PROF"] = 0
-    defines["TREE"] = int(stages == 2 and vstages == 3)  # both softmax versions covered
+    # The consumer switches as ops passes them (on), except on one ring shape (the code
+    # without them stays covered).
+    if (stages, vstages) != (2, 3):
+        defines |= {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1, "XOVER": 1}
     k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
     assert "serialized" not in k.log and "C7508" not in k.log, k.log
@@ -158,10 +161,11 @@ def test_sm90_ws_prefill_compiles_without_spills(
 
 
 WS_SWITCHES = {
-    "ex2": {"EX2_BF16X2": 1},
-    "rescale_early": {"RESCALE_EARLY": 1},
-    "tree_rescale": {"TREE": 1, "RESCALE_EARLY": 1},
-    "fast": {"TREE": 1, "EX2_BF16X2": 1, "RESCALE_EARLY": 1},
+    "uniform_role": {"UNIFORM_ROLE": 1},
+    "uni_desc": {"UNIFORM_ROLE": 1, "DESC_INC": 1},
+    "uni_desc_lazy": {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1},
+    "lazy": {"LAZY_RESCALE": 1},
+    "xover": {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1, "XOVER": 1},
 }
 
 
@@ -170,11 +174,10 @@ WS_SWITCHES = {
 @pytest.mark.parametrize("bf16", [1, 0], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("gqa", [1, 8])
 def test_sm90_ws_prefill_switches_compile(tmp_path, monkeypatch, gqa, bf16, switches) -> None:
-    # The off-by-default consumer switches (ops.SM90_WS_EX2_BF16X2 / SM90_WS_RESCALE_EARLY):
-    # same checks as above. The packed ex2 needs opaque copies into the P V operand; without
-    # them ptxas serialised the wgmmas (C7513), which this catches.
+    # The consumer switches (ops.SM90_WS_UNIFORM_ROLE / SM90_WS_DESC_INC /
+    # SM90_WS_LAZY_RESCALE) alone and together: same checks as above, no warning at all.
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    base = {"GQA": gqa, "KV_BF16": bf16, "PROF": 0, "QBUF": 2, "STAGES": 2, "TREE": 0}
+    base = {"GQA": gqa, "KV_BF16": bf16, "PROF": 0, "QBUF": 2, "STAGES": 2}
     defines = {**base, "VSTAGES": 2, **WS_SWITCHES[switches]}
     k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
@@ -188,7 +191,7 @@ def test_sm90_ws_prefill_switches_compile(tmp_path, monkeypatch, gqa, bf16, swit
 def test_sm90_ws_prefill_switches_change_the_build(tmp_path, monkeypatch) -> None:
     # A misspelt define would silently build the default kernel.
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    base = {"GQA": 4, "KV_BF16": 1, "PROF": 0, "QBUF": 2, "STAGES": 2, "TREE": 0, "VSTAGES": 2}
+    base = {"GQA": 4, "KV_BF16": 1, "PROF": 0, "QBUF": 2, "STAGES": 2, "VSTAGES": 2}
     cubins = {
         name: compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", {**base, **extra}).cubin
         for name, extra in {"default": {}, **WS_SWITCHES}.items()

@@ -12,6 +12,10 @@ Not a test. One run prints a table and writes JSON:
   decode tokens/s by the difference of two generation lengths (prefill cancels out).
 
     python benches/gpu/bench_e2e.py --out bench_out/e2e.json [--layers 32] [--enforce-eager]
+
+--ab "name:ATTR=v,ATTR=v;name2:..." (with --ab-rounds R) instead times the batch-1 step of
+each variant in this one process: the named model/fused_ops.py switches are set, the decode
+graphs re-captured, and the variants cycled R times (interleaved, so drift hits all alike).
 """
 
 from __future__ import annotations
@@ -148,7 +152,8 @@ def _graph_kwargs(args) -> dict:
 
 def step(runner, core) -> tuple[int, int]:
     plan = core.schedule()
-    logits = runner.execute(plan)
+    # Every row greedy, no logprobs: as the engine says for such a batch (run-ahead allowed).
+    logits = runner.execute(plan, greedy_only=True)
     # The engine's greedy path: the argmax the decode graph computed, else one argmax.
     greedy = getattr(runner, "last_greedy", None)
     if logits is None:
@@ -201,6 +206,51 @@ def kvserve_decode(runner, core, cfg, batch: int, args) -> dict:
     }
 
 
+def parse_ab(spec: str) -> dict[str, dict[str, int]]:
+    """ "base:GEMV_EVEN_GRID=0;qkv:GEMV_EVEN_GRID=1" -> {name: {attr: value}} (attributes of
+    model/fused_ops.py)."""
+    out = {}
+    for part in filter(None, spec.split(";")):
+        name, _, assigns = part.partition(":")
+        pairs = (a.split("=") for a in filter(None, assigns.split(",")))
+        out[name] = {attr: int(value) for attr, value in pairs}
+    return out
+
+
+def ab_decode(runner, core, cfg, args, variants: dict[str, dict[str, int]], copy_bw: float
+              ) -> dict:
+    """b1 step ms of each variant, cycled args.ab_rounds times with re-captured graphs."""
+    from kvserve.model import fused_ops
+
+    saved = {a: getattr(fused_ops, a) for v in variants.values() for a in v}
+    steps: dict[str, list[float]] = {name: [] for name in variants}
+    row = {}
+    try:
+        for _ in range(args.ab_rounds):
+            for name, attrs in variants.items():
+                for a, v in saved.items():
+                    setattr(fused_ops, a, attrs.get(a, v))
+                if runner.graphs is not None:
+                    runner.graphs.graphs.clear()
+                    torch.cuda.synchronize()
+                    runner.graphs.capture()
+                row = kvserve_decode(runner, core, cfg, 1, args)
+                steps[name].append(row["step_ms"])
+                print(f"  {name}: {row['step_ms']:.3f} ms", flush=True)
+    finally:
+        for a, v in saved.items():
+            setattr(fused_ops, a, v)
+    nbytes = row["weight_bytes"] + row["kv_bytes"]
+    return {
+        "bytes": nbytes,
+        "goal_ms": nbytes / (0.9 * copy_bw) * 1e3,
+        "variants": {name: {"switches": variants[name], "step_ms": steps[name],
+                            "median_ms": float(np.median(steps[name])),
+                            "mbu": nbytes / (float(np.median(steps[name])) * 1e-3) / copy_bw}
+                     for name in variants},
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench_out/e2e.json")
@@ -221,7 +271,11 @@ def main() -> None:
         help="a tiny fp32 model on the CPU: checks the script, measures nothing",
     )
     p.add_argument("--kv-cache-memory", type=int, default=64 << 20, help="CPU only")
+    p.add_argument("--ab", default="", help="b1 A/B of fused_ops switches (see the docstring)")
+    p.add_argument("--ab-rounds", type=int, default=3)
     args = p.parse_args()
+    if args.ab:
+        args.batches, args.skip_hf = "1", True
     args.batches = [int(b) for b in args.batches.split(",")]
     from kvserve.model import fused_ops
 
@@ -253,6 +307,19 @@ def main() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+    if args.ab:
+        res = ab_decode(runner, core, cfg, args, parse_ab(args.ab), copy_bw)
+        res.update(card=card, copy_bytes_per_s=copy_bw, layers=args.layers, ctx=args.ctx)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"\nA/B b1 ({card}, copy {copy_bw / 1e12:.2f} TB/s, {res['bytes'] / 1e9:.2f} GB "
+              f"a step; 90% = {res['goal_ms']:.3f} ms)")
+        for name, v in res["variants"].items():
+            runs = " ".join(f"{t:.3f}" for t in v["step_ms"])
+            print(f"{name:>14} median {v['median_ms']:.3f} ms  MBU {v['mbu']:.1%}  [{runs}]")
+        return
 
     rows = []
     for b in args.batches:

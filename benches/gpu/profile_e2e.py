@@ -181,6 +181,7 @@ def main() -> None:
                     "fused_ops": fused_ops.ENABLED, "gemv_max_rows": fused_ops.GEMV_MAX_ROWS,
                     "pdl": fused.PDL, "pdl_attention": fused.PDL_ATTENTION,
                     "rope_cache_write": fused_ops.ROPE_CACHE_WRITE,
+                    "gemv_even_grid": fused_ops.GEMV_EVEN_GRID,
                     "decode_split_min_tokens": ops.DECODE_SPLIT_MIN_TOKENS}
     print(f"{card}: copy {result['copy_tbs']:.2f} TB/s, read-only sum {result['read_tbs']:.2f}"
           " TB/s", flush=True)
@@ -222,7 +223,8 @@ def main() -> None:
                   f"{r['cublas_tbs']:>5.2f} {r['gemv_us']:>8.1f} {r['gemv_tbs']:>5.2f} "
                   f"{extra} {r['rel_err']:>7.1e}")
     print(f"\nswitches: fused ops {fused_ops.ENABLED}, PDL {fused.PDL}, PDL attention "
-          f"{fused.PDL_ATTENTION}, rope_qkv cache store {fused_ops.ROPE_CACHE_WRITE}, decode "
+          f"{fused.PDL_ATTENTION}, rope_qkv cache store {fused_ops.ROPE_CACHE_WRITE}, GEMV "
+          f"even grids {fused_ops.GEMV_EVEN_GRID}, decode "
           f"split min tokens {ops.DECODE_SPLIT_MIN_TOKENS or 'default'}; {card}, copy "
           f"{result['copy_tbs']:.2f} TB/s")
     for b, prof in result["profiles"].items():

@@ -7,6 +7,10 @@
 #   bash benches/gpu/run_all_gpu.sh e2e        the end-to-end decode benchmark (b1 with the
 #                                              attention-path switches off, then b1..b256
 #                                              with transformers beside it, b1 again)
+#   bash benches/gpu/run_all_gpu.sh check      one call for a change outside the prefill
+#                                              kernel: tests/gpu less the prefill file, then
+#                                              the e2e table at b1, 8, 64, 256 with
+#                                              transformers beside it
 # Needs the wheel built here (`maturin build --release -o dist`) and carried as "dist".
 # KVSERVE_SM90_PREFILL=ws|v1 picks the Hopper prefill kernel for the whole run.
 set -uo pipefail
@@ -29,4 +33,14 @@ case ${1:-tests} in
       bash benches/gpu/run_prefill_sm90_gpu.sh ;;
   e2e)
     bash benches/gpu/run_e2e_gpu.sh ${E2E_STAGES:-final} ;;
+  check)
+    timeout 250 python3 -m pytest -q -p no:cacheprovider --maxfail 20 tests/gpu \
+      --ignore=tests/gpu/test_prefill_sm90.py > "$OUT/tests_gpu.log" 2>&1
+    echo "pytest gpu (not prefill) rc=$? after $SECONDS s" | tee -a "$OUT/tests_gpu.log"
+    tail -n 4 "$OUT/tests_gpu.log"
+    date -u
+    timeout $((575 - SECONDS)) python3 benches/gpu/bench_e2e.py --out "$OUT/e2e_check.json" \
+      --batches 1,8,64,256 2>&1 | grep -v Warning > "$OUT/e2e_check.log"
+    echo "e2e rc=$? after $SECONDS s"
+    tail -n 18 "$OUT/e2e_check.log" ;;
 esac

@@ -6,11 +6,27 @@ the logits of every row) as one launch. Only decode-only steps replay; anything 
 eagerly. The attention backend must be capturable (`supports_cuda_graphs`): it may read no
 host-side value that changes between steps, so the capture uses max_model_len as every
 sequence's host-side length bound and the kernels read the true lengths on the device.
+
+Run-ahead (greedy decode): the host's work between two steps (read the tokens, commit,
+schedule, upload, launch) leaves the GPU idle ~0.1 ms a step. When every sampled row is
+greedy (the caller says so) and no row's next position starts a new block, `run` launches
+the next step right behind this one: a small kernel turns this step's inputs into the next
+one's on the device (the argmax as input id, every position and slot one on), then the same
+graph replays. When the next plan arrives it is compared with what ran: the same rows, the
+tokens this step chose, positions and slots one on, an unchanged block table, nothing to
+swap or copy. If so, its results are already there (or on the way); if not, the step runs
+normally and the run-ahead results are dropped. That is safe because a run-ahead step
+writes K/V only to the slot after each row's last, inside a block the row still holds
+(never a full block, so never one in the prefix cache); a row that ended meanwhile frees
+that block only on the host, after the write is queued, and any later owner writes a slot
+before it reads it. `KVSERVE_DECODE_AHEAD=0` turns it off.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +37,18 @@ from kvserve.model import fused_ops
 
 log = logging.getLogger(__name__)
 _MAX_TABLE_UPLOAD = 1 << 20  # bytes of whole block-table rows worth one upload per step
+RUN_AHEAD = os.environ.get("KVSERVE_DECODE_AHEAD", "1") != "0"
+
+
+@dataclass
+class _Ahead:
+    """The step launched ahead: the plan it must equal to be used (host arrays)."""
+
+    bs: int
+    input_ids: np.ndarray
+    positions: np.ndarray
+    slot_mapping: np.ndarray
+    block_table: np.ndarray
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -67,6 +95,11 @@ class DecodeGraphs:
         self._uploaded = torch.cuda.Event()  # the host buffer is reused once this passed
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.last_greedy: torch.Tensor | None = None
+        self.block_size = block_size
+        self._ahead: _Ahead | None = None
+        self._h_greedy = torch.zeros(n, dtype=torch.int64).pin_memory()
+        self._greedy_copied = torch.cuda.Event()
+        self.steps_ahead_used = 0  # run-ahead steps that matched their plan (tests, metrics)
 
     def _views(self, buf: torch.Tensor, n: int) -> list[torch.Tensor]:
         o = self._offsets
@@ -113,21 +146,80 @@ class DecodeGraphs:
 
     def close(self) -> None:
         """Drop the graphs (and their memory pool) and every reference to the caches."""
+        if self._ahead is not None:
+            torch.cuda.synchronize(self.device)  # a run-ahead replay may still be running
+            self._ahead = None
         self.graphs.clear()
         self.model, self.kv_caches = None, []
+
+    def drop_ahead(self) -> None:
+        """Forget a step launched ahead (the next plan runs eagerly)."""
+        self._ahead = None
 
     def can_run(self, plan: Any) -> bool:
         n = int(plan.num_seqs)
         decode_only = int(plan.num_decodes) == n == int(plan.num_tokens)
         return 0 < n <= self.sizes[-1] and decode_only and plan.logits_indices.shape[0] == n
 
-    def run(self, plan: Any) -> torch.Tensor:
+    def run(self, plan: Any, greedy_only: bool = False) -> torch.Tensor:
         """Replay the smallest graph that holds the batch; fp32 logits of its n rows.
 
-        last_greedy is then their argmax (int64 [n], on the device), computed in the graph.
+        last_greedy is then their argmax (int64 [n]), computed in the graph: on the device,
+        or on the host when the next step was launched ahead. greedy_only: the caller uses
+        only last_greedy, not the logits (which a run-ahead step overwrites), so the next
+        step may be launched ahead (see the module docstring).
         """
         n = int(plan.num_seqs)
         bs = next(s for s in self.sizes if s >= n)
+        graph, logits, greedy = self.graphs[bs]
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and self._is(ahead, plan, bs):
+            self.steps_ahead_used += 1  # this step already ran (or is running)
+        else:
+            self._replay(plan, n, bs)
+        if not (greedy_only and RUN_AHEAD and self._may_run_ahead(plan)):
+            self.last_greedy = greedy[:n]
+            return logits[:n]  # a decode-only step samples every row, in order
+        from kvserve.kernels import fused  # CUDA only; imported where it runs
+
+        # This step's tokens to the host before the next replay overwrites them, then the
+        # next step, its inputs advanced on the device.
+        self._h_greedy[:n].copy_(greedy[:n], non_blocking=True)
+        self._greedy_copied.record()
+        fused.advance_decode(self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
+                             self.seq_lens[:bs], greedy)
+        graph.replay()
+        self._greedy_copied.synchronize()
+        tokens = self._h_greedy[:n].numpy().copy()
+        self._ahead = _Ahead(bs, tokens, plan.positions + 1, plan.slot_mapping + 1,
+                             np.array(plan.block_table))
+        self.last_greedy = torch.from_numpy(tokens)
+        return logits[:n]
+
+    def _may_run_ahead(self, plan: Any) -> bool:
+        """Every row's next position lies in the block its current one does, within
+        max_model_len, and the plan moves no blocks (see the module docstring)."""
+        nxt = plan.positions + 1
+        return bool(np.all(nxt & (self.block_size - 1) != 0)
+                    and np.all(nxt < self.max_model_len)
+                    and np.all(plan.slot_mapping >= 0)
+                    and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
+                    and len(plan.copies) == 0)
+
+    @staticmethod
+    def _is(ahead: _Ahead, plan: Any, bs: int) -> bool:
+        """Whether the step launched ahead is exactly this plan's forward."""
+        return (ahead.bs == bs and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
+                and len(plan.copies) == 0
+                and np.array_equal(plan.input_ids, ahead.input_ids)
+                and np.array_equal(plan.positions, ahead.positions)
+                and np.array_equal(plan.slot_mapping, ahead.slot_mapping)
+                and np.array_equal(plan.seq_lens, ahead.positions + 1)
+                and plan.block_table.shape == ahead.block_table.shape
+                and np.array_equal(plan.block_table, ahead.block_table))
+
+    def _replay(self, plan: Any, n: int, bs: int) -> None:
+        """Upload the plan's inputs into the static buffers and replay graph bs."""
         width = plan.block_table.shape[1]
         self._uploaded.synchronize()  # the previous step's upload has left the host buffer
         self._h_ids[:n] = plan.input_ids
@@ -150,7 +242,4 @@ class DecodeGraphs:
             table = torch.from_numpy(np.array(plan.block_table))  # read-only: copy
             self.block_table[:n, :width].copy_(table, non_blocking=False)
             self.block_table[n:bs, 0] = 0
-        graph, logits, greedy = self.graphs[bs]
-        graph.replay()
-        self.last_greedy = greedy[:n]
-        return logits[:n]  # a decode-only step samples every row, in order
+        self.graphs[bs][0].replay()

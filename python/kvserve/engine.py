@@ -84,7 +84,7 @@ class LLMEngine:
         if plan.num_seqs == 0:
             return []
         try:
-            logits = self.runner.execute(plan)
+            logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
             # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
             sampled = self.sampler(logits, rows, self.runner.last_greedy) if rows else None
         except Exception as exc:  # a failed forward ends its requests, not the engine

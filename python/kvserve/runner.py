@@ -113,8 +113,12 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, plan: Any) -> torch.Tensor | None:
-        """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows."""
+    def execute(self, plan: Any, greedy_only: bool = False) -> torch.Tensor | None:
+        """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows.
+
+        greedy_only: the caller reads only last_greedy (every row greedy, no logprobs), so a
+        decode graph may run the next step ahead (cuda_graphs.py) and overwrite the logits.
+        """
         self._swap(plan.swap_out, to_host=True)
         self._swap(plan.swap_in, to_host=False)
         self._copy(plan.copies)
@@ -122,9 +126,11 @@ class ModelRunner:
         if plan.num_tokens == 0:
             return None
         if self.graphs is not None and self.graphs.can_run(plan):
-            logits = self.graphs.run(plan)
+            logits = self.graphs.run(plan, greedy_only)
             self.last_greedy = self.graphs.last_greedy
             return logits
+        if self.graphs is not None:
+            self.graphs.drop_ahead()
         dev = self.device
         qsl = torch.from_numpy(plan.query_start_loc)
         seq_lens = torch.from_numpy(plan.seq_lens)

@@ -35,6 +35,13 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator  # for rows without their own seed
 
+    @staticmethod
+    def greedy_only(rows: Sequence[SampleRow]) -> bool:
+        """Whether these rows' tokens are the logits' argmax and nothing else is read from
+        the logits (the decode graphs may then run the next step ahead)."""
+        return all(r.params.greedy and not r.params.needs_penalties
+                   and r.params.min_tokens == 0 and r.params.logprobs is None for r in rows)
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow],
                  greedy: torch.Tensor | None = None) -> SamplerOutput:
         """logits fp32 [N, V]: one row per sampled sequence, in `rows` order.

@@ -48,7 +48,8 @@ def test_graph_replay_equals_eager_forward_on_the_same_inputs(tmp_path) -> None:
     replayed = graphs.run
     checked: list[int] = []
 
-    def run_and_compare(plan):
+    def run_and_compare(plan, greedy_only=False):
+        # Never ahead here: the eager forward below reads the static inputs of this step.
         logits = replayed(plan).clone()
         n = int(plan.num_seqs)
         bs = next(s for s in graphs.sizes if s >= n)
@@ -101,3 +102,56 @@ def test_engine_tokens_match_with_graphs_on_and_off(tmp_path) -> None:
                 assert top[0] - top[1] < tie, f"prompt {i} step {step}: {a} vs {b}, no tie"
                 break
             assert abs(a_lp[step][a] - b_lp[step][b]) < tie, f"prompt {i} step {step}"
+
+
+def _generate_tokens(tmp_path, prompts, params, run_ahead: bool) -> tuple[list, int]:
+    from kvserve import cuda_graphs
+
+    saved = cuda_graphs.RUN_AHEAD
+    cuda_graphs.RUN_AHEAD = run_ahead
+    try:
+        llm = _llm(tmp_path, enforce_eager=False)
+        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+        used = llm.engine.runner.graphs.steps_ahead_used
+        tokens = [(list(o.token_ids), o.finish_reason) for o in outs]
+        llm.close()
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    finally:
+        cuda_graphs.RUN_AHEAD = saved
+    return tokens, used
+
+
+def test_run_ahead_gives_the_same_tokens(tmp_path) -> None:
+    """Greedy decode with the next step launched ahead equals plain steps token for token:
+    rows of different lengths cross block boundaries (block 16) at different steps, end at
+    different steps (max_tokens, eos) and batches shrink, so run-ahead steps are both used
+    and dropped. The run-ahead step is the same graph on the same inputs: bit-identical."""
+    from kvserve import SamplingParams
+
+    vocab = _tiny_model(tmp_path)
+    prompts = _prompts(vocab, [1, 15, 16, 17, 40, 64, 3, 100], seed=21)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=i % 3 != 0,
+                             stop_token_ids=[5] if i == 4 else None)
+              for i, n in enumerate((40, 7, 23, 33, 60, 2, 19, 45))]
+    on, used_on = _generate_tokens(tmp_path, prompts, params, run_ahead=True)
+    off, used_off = _generate_tokens(tmp_path, prompts, params, run_ahead=False)
+    assert on == off
+    assert used_off == 0 and used_on > 20, f"run-ahead steps used: {used_on}"
+
+
+def test_run_ahead_stays_off_when_logits_are_read(tmp_path) -> None:
+    """A batch that wants logprobs (or samples) reads the logits: nothing runs ahead, and
+    the output equals the plain run's."""
+    from kvserve import SamplingParams
+
+    vocab = _tiny_model(tmp_path)
+    prompts = _prompts(vocab, [9, 30], seed=22)
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1),
+              SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)]
+    on, used_on = _generate_tokens(tmp_path, prompts, params, run_ahead=True)
+    off, _ = _generate_tokens(tmp_path, prompts, params, run_ahead=False)
+    assert on == off
+    # Only the steps after the logprobs row finished could run ahead: none here (same length).
+    assert used_on == 0

@@ -144,6 +144,75 @@ def test_gemv_silu_mul_prologue(dtype, m, n, kdim) -> None:
     assert rel_err(out, want) < 1e-2
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("m,n,kdim", [(1, 6144, 4096), (1, 4096, 4096), (1, 1000, 520),
+                                      (2, 37, 8), (1, 40000, 512), (3, 333, 2056)])
+@pytest.mark.parametrize("prologue", ["none", "add_norm"])
+def test_gemv_even_grid_same_output(dtype, m, n, kdim, prologue) -> None:
+    """An even grid (fewer CTAs, equally many columns per warp) changes no value: qkv's
+    shape, one column per warp, more columns than one wave, odd sizes."""
+    gen = torch.Generator(device="cuda").manual_seed(n + kdim + m)
+    x = _randn(m, kdim, dtype=dtype, gen=gen)
+    w = _randn(n, kdim, dtype=dtype, gen=gen, scale=kdim**-0.5)
+    bias = _randn(n, dtype=dtype, gen=gen) if n % 2 else None
+    kw = {}
+    if prologue == "add_norm":
+        kw = {"residual": _randn(m, kdim, dtype=dtype, gen=gen),
+              "norm_weight": _randn(kdim, dtype=dtype, gen=gen), "eps": 1e-5}
+    plain, res = k.gemv(x, w, bias, prologue=prologue, **kw)
+    got, res_even = k.gemv(x, w, bias, prologue=prologue, even_grid=True, **kw)
+    assert torch.equal(got, plain)
+    if res is not None:
+        assert torch.equal(res_even, res)
+    if prologue == "none":
+        want = x.float() @ w.float().T + (bias.float() if bias is not None else 0)
+        assert rel_err(got, want) < 1e-2
+
+
+def test_gemv_even_grid_gives_every_warp_equally_many_columns() -> None:
+    from kvserve.kernels.launcher import load_kernel
+
+    dev = torch.cuda.current_device()
+    kern = load_kernel("fused_ops.cu", "gemv", k._defines(
+        torch.bfloat16, GEMV_M=1, GEMV_UNROLL=k.GEMV_UNROLL_SMALL, PROLOGUE=1),
+        4096 * 2, dev)
+    full = k.gemv_grid(kern, 6144, dev)
+    even = k.gemv_grid(kern, 6144, dev, even=True)
+    groups = 6144 // k.GEMV_WARPS
+    rounds = -(-groups // full)  # column groups a CTA of the full wave takes, at most
+    # The fewest CTAs that still finish in that many rounds: same rounds, none ragged.
+    assert even == -(-groups // rounds) <= full
+    assert -(-groups // even) == rounds
+
+
+@pytest.mark.parametrize("rows", [1, 5, 256, 300])
+def test_advance_decode_matches_torch(rows) -> None:
+    """Live rows (slot >= 0) take greedy and move one on; padding rows (slot -1) stay."""
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    dev = "cuda"
+    ids = torch.randint(0, 1000, (rows,), device=dev, generator=gen)
+    pos = torch.randint(0, 5000, (rows,), device=dev, generator=gen)
+    slots = torch.randint(0, 90000, (rows,), device=dev, generator=gen)
+    pad = torch.rand(rows, device=dev, generator=gen) < 0.3
+    slots[pad] = -1
+    lens = torch.randint(1, 5000, (rows,), device=dev, generator=gen, dtype=torch.int32)
+    greedy = torch.randint(0, 1000, (rows,), device=dev, generator=gen)
+    live = slots >= 0
+    want = (torch.where(live, greedy, ids), pos + live, slots + live, lens + live.int())
+    k.advance_decode(ids, pos, slots, lens, greedy)
+    for got, w in zip((ids, pos, slots, lens), want):
+        assert torch.equal(got, w)
+
+
+def test_advance_decode_rejects_bad_arguments() -> None:
+    t = torch.zeros(4, dtype=torch.int64, device="cuda")
+    lens = torch.zeros(4, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="seq_lens"):
+        k.advance_decode(t, t.clone(), t.clone(), t.clone(), t.clone())
+    with pytest.raises(ValueError, match="greedy"):
+        k.advance_decode(t, t.clone(), t.clone(), lens, t[:3].clone())
+
+
 def test_gemv_fp32_output_is_the_widened_result() -> None:
     gen = torch.Generator(device="cuda").manual_seed(3)
     x = _randn(1, 4096, dtype=torch.bfloat16, gen=gen)
@@ -362,6 +431,42 @@ def test_engine_output_same_with_new_switches_off(tmp_path) -> None:
             torch.cuda.empty_cache()
     finally:
         ref.ROPE_CACHE_WRITE, k.PDL_ATTENTION = saved
+    for (a_tok, a_lp), (b_tok, b_lp) in zip(*runs):
+        assert a_tok == b_tok
+        for a, b_ in zip(a_lp, b_lp):
+            assert a.keys() == b_.keys()
+            assert all(abs(a[t] - b_[t]) < 1e-4 for t in a)
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
+def test_engine_output_same_with_gemv_switches_off(tmp_path, enforce_eager) -> None:
+    """Greedy tokens and logprobs with every GEMV on an even grid equal those with none
+    (the values are bit-identical, so the tokens are too)."""
+    from test_cuda_graphs import _llm, _prompts
+    from test_engine_cuda import _tiny_model
+
+    from kvserve import SamplingParams
+
+    vocab = _tiny_model(tmp_path)
+    prompts = _prompts(vocab, [1, 15, 33, 100, 7], seed=6)
+    # Unequal lengths: the last steps decode one sequence, where the GEMV runs; the batched
+    # steps check the cuBLAS path is untouched.
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=2)
+              for n in (24, 4, 9, 2, 12)]
+    runs = []
+    saved = ref.GEMV_EVEN_GRID
+    try:
+        for mask in (31, 0):
+            ref.GEMV_EVEN_GRID = mask
+            llm = _llm(tmp_path, enforce_eager=enforce_eager)
+            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+            runs.append([(list(o.token_ids), list(o.logprobs)) for o in outs])
+            llm.close()
+            del llm
+            gc.collect()
+            torch.cuda.empty_cache()
+    finally:
+        ref.GEMV_EVEN_GRID = saved
     for (a_tok, a_lp), (b_tok, b_lp) in zip(*runs):
         assert a_tok == b_tok
         for a, b_ in zip(a_lp, b_lp):

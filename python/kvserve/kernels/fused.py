@@ -183,13 +183,15 @@ def gemv_fits(rows: int, in_features: int, dtype: torch.dtype, prologue: str) ->
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          prologue: str = "none", residual: torch.Tensor | None = None,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, out_f32: bool = False,
-         unroll: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+         unroll: int | None = None, even_grid: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """F.linear(x', weight, bias) for M <= max(GEMV_SIZES) rows, fp32 accumulate.
 
     prologue "none": x' = x [M, K]. "add_norm": x' = rms_norm(residual + x) * norm_weight
     (x alone when residual is None); the second result is then residual + x, a new tensor
     (or x itself without residual). "silu_mul": x [M, 2K] is gate_up, x' = silu(gate) * up.
     out_f32: the (dtype-rounded) result widened to fp32, as `.float()` would.
+    even_grid: as few CTAs as give every warp the same number of columns (at most one wave);
+    same result either way.
     Returns (out [M, N], new residual or None).
     """
     _rows_ok(x, "x")
@@ -238,10 +240,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     dindex = _device_index(x)
     kern = load_kernel(_SOURCE, "gemv", _defines(x.dtype, GEMV_M=m_max, GEMV_UNROLL=unroll,
                                                  PROLOGUE=_PROLOGUES[prologue]), smem, dindex)
-    # One resident wave of CTAs. (Sizing it so every CTA gets the same number of column
-    # groups measured no faster on H100: b1 step 5.93 / 5.99 ms against 5.80.)
-    groups = math.ceil(N / GEMV_WARPS)
-    grid = min(groups, _sm_count(dindex) * _ctas_per_sm(kern, 32 * GEMV_WARPS))
+    grid = gemv_grid(kern, N, dindex, even_grid)
     _launch(kern, (grid, 1, 1), (32 * GEMV_WARPS, 1, 1), [
         (x.data_ptr(), PTR), (x.stride(0), I64), *res_args, (weight.data_ptr(), PTR),
         (bias.data_ptr() if bias is not None else 0, PTR),
@@ -249,6 +248,20 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         (M, I32), (N, I32), (K, I32),
     ])
     return out, res_out
+
+
+def gemv_grid(kern: Kernel, columns: int, device_index: int, even: bool = False) -> int:
+    """CTAs of a GEMV launch: one resident wave, GEMV_WARPS columns per CTA at a time.
+
+    `even`: as few CTAs as give every warp equally many columns. On H100 at b1 that helps
+    qkv (6144 columns: 384 CTAs x 2 columns a warp instead of 528 with 45% of warps taking a
+    second one, ~0.03 ms a step) and no other GEMV (model/fused_ops.py GEMV_EVEN_GRID).
+    """
+    groups = math.ceil(columns / GEMV_WARPS)
+    grid = min(groups, _sm_count(device_index) * _ctas_per_sm(kern, 32 * GEMV_WARPS))
+    if even:
+        grid = math.ceil(groups / math.ceil(groups / grid))
+    return grid
 
 
 def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -274,6 +287,25 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
             [(part_v.data_ptr(), PTR), (part_i.data_ptr(), PTR), (slices, I32), (V, I32),
              (tokens.data_ptr(), PTR)])
     return tokens
+
+
+def advance_decode(input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+                   seq_lens: torch.Tensor, greedy: torch.Tensor) -> None:
+    """In place, rows with slot_mapping >= 0: input_ids = greedy, positions, slot_mapping and
+    seq_lens + 1 (the next decode step's inputs when no row starts a new block)."""
+    rows = input_ids.shape[0]
+    for t, dt, name in ((input_ids, torch.int64, "input_ids"), (positions, torch.int64,
+                        "positions"), (slot_mapping, torch.int64, "slot_mapping"),
+                        (seq_lens, torch.int32, "seq_lens"), (greedy, torch.int64, "greedy")):
+        _require(t.dtype == dt and t.is_contiguous() and t.shape == (rows,),
+                 f"{name} must be contiguous {dt} [{rows}]")
+    if rows == 0:
+        return
+    defines = _defines(torch.bfloat16)  # dtype-free kernel; any build of the file serves
+    kern = load_kernel(_SOURCE, "advance_decode", defines, 0, _device_index(input_ids))
+    _launch(kern, (math.ceil(rows / 256), 1, 1), (256, 1, 1), [
+        (input_ids.data_ptr(), PTR), (positions.data_ptr(), PTR), (slot_mapping.data_ptr(), PTR),
+        (seq_lens.data_ptr(), PTR), (greedy.data_ptr(), PTR), (rows, I32)])
 
 
 def _launch(kern: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],

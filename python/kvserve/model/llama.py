@@ -49,7 +49,7 @@ class Attention(nn.Module):
                 rope: Rope, meta: AttentionMetadata, cache: KVCache, fused: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(attention output, residual + x): the input norm runs here, fused into qkv_proj."""
-        qkv, residual = ops.norm_linear(x, residual, norm, self.qkv_proj, fused)
+        qkv, residual = ops.norm_linear(x, residual, norm, self.qkv_proj, fused, role="qkv")
         layout = getattr(self.backend, "layout", None)
         if fused and ops.ROPE_CACHE_WRITE and layout is not None:
             # rope_qkv stores k/v in the cache itself; the (cuda) backend skips its write.
@@ -64,7 +64,8 @@ class Attention(nn.Module):
             q, k, v = ops.rope_qkv(qkv, rope, self.num_heads, self.num_kv_heads,
                                    self.head_dim, fused)
             out = self.backend.forward(q, k, v, cache[0], cache[1], meta, self.scale)
-        return ops.linear(out.reshape(-1, self.q_size), self.o_proj, fused), residual
+        return ops.linear(out.reshape(-1, self.q_size), self.o_proj, fused,
+                          role="o_proj"), residual
 
 
 class MLP(nn.Module):
@@ -77,7 +78,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm, fused: bool
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(MLP output, residual + x): the post-attention norm runs here, fused into gate_up."""
-        gate_up, residual = ops.norm_linear(x, residual, norm, self.gate_up_proj, fused)
+        gate_up, residual = ops.norm_linear(x, residual, norm, self.gate_up_proj, fused,
+                                            role="gate_up")
         return ops.silu_linear(gate_up, self.down_proj, fused), residual
 
 

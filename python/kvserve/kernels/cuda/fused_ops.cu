@@ -484,3 +484,21 @@ extern "C" __global__ void argmax_final(const float* __restrict__ part_v,
   warp_best(bv, bi);
   if (threadIdx.x == 0) tokens[blockIdx.x] = bi < n ? bi : 0;
 }
+
+// ------------------------------------------------------------------ decode run-ahead
+// The next decode step's inputs from this one's, on the device (cuda_graphs.py run-ahead):
+// each live row (slot >= 0; padding rows have slot -1 and stay as they are) takes the token
+// the graph's argmax just chose and moves one position on, in the same block (the host
+// launches this only when no row's next position starts a block).
+extern "C" __global__ void advance_decode(i64* __restrict__ input_ids, i64* __restrict__ positions,
+                                          i64* __restrict__ slot_mapping, int* __restrict__ seq_lens,
+                                          const i64* __restrict__ greedy, int rows) {
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= rows || slot_mapping[i] < 0) return;
+  input_ids[i] = greedy[i];
+  positions[i] += 1;
+  slot_mapping[i] += 1;
+  seq_lens[i] += 1;
+}
