@@ -148,55 +148,12 @@ def test_sm90_ws_prefill_compiles_without_spills(
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
     defines = {"GQA": gqa, "KV_BF16": bf16, "QBUF": qbuf, "STAGES": stages, "VSTAGES": vstages}
     defines["PROF"] = 0
-    # The consumer switches as ops passes them (on), except on one ring shape (the code
-    # without them stays covered).
-    if (stages, vstages) != (2, 3):
-        defines |= {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1, "XOVER": 1}
     k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
     assert "serialized" not in k.log and "C7508" not in k.log, k.log
     if _has_report(k.log):
         spilled = int(re.search(r"(\d+) bytes spill stores", k.log).group(1))
         assert spilled <= 64, k.log
-
-
-WS_SWITCHES = {
-    "uniform_role": {"UNIFORM_ROLE": 1},
-    "uni_desc": {"UNIFORM_ROLE": 1, "DESC_INC": 1},
-    "uni_desc_lazy": {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1},
-    "lazy": {"LAZY_RESCALE": 1},
-    "xover": {"UNIFORM_ROLE": 1, "DESC_INC": 1, "LAZY_RESCALE": 1, "XOVER": 1},
-}
-
-
-@needs_nvrtc
-@pytest.mark.parametrize("switches", list(WS_SWITCHES))
-@pytest.mark.parametrize("bf16", [1, 0], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("gqa", [1, 8])
-def test_sm90_ws_prefill_switches_compile(tmp_path, monkeypatch, gqa, bf16, switches) -> None:
-    # The consumer switches (ops.SM90_WS_UNIFORM_ROLE / SM90_WS_DESC_INC /
-    # SM90_WS_LAZY_RESCALE) alone and together: same checks as above, no warning at all.
-    monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    base = {"GQA": gqa, "KV_BF16": bf16, "PROF": 0, "QBUF": 2, "STAGES": 2}
-    defines = {**base, "VSTAGES": 2, **WS_SWITCHES[switches]}
-    k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
-    assert k.cubin[:4] == b"\x7fELF"
-    assert "serialized" not in k.log and "C75" not in k.log and "warning" not in k.log, k.log
-    if _has_report(k.log):
-        spilled = int(re.search(r"(\d+) bytes spill stores", k.log).group(1))
-        assert spilled <= 64, k.log
-
-
-@needs_nvrtc
-def test_sm90_ws_prefill_switches_change_the_build(tmp_path, monkeypatch) -> None:
-    # A misspelt define would silently build the default kernel.
-    monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    base = {"GQA": 4, "KV_BF16": 1, "PROF": 0, "QBUF": 2, "STAGES": 2, "VSTAGES": 2}
-    cubins = {
-        name: compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", {**base, **extra}).cubin
-        for name, extra in {"default": {}, **WS_SWITCHES}.items()
-    }
-    assert len(set(cubins.values())) == len(cubins)
 
 
 @needs_nvrtc

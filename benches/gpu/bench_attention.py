@@ -28,27 +28,11 @@ from kvserve.kernels import ops
 DT = torch.bfloat16
 L2_BYTES = 50 * 2**20
 
-# The ws kernel's consumer switches (ops.SM90_WS_UNIFORM_ROLE, SM90_WS_DESC_INC,
-# SM90_WS_LAZY_RESCALE, on by default) turned off, alone or together, timed beside ws at its defaults (prefill variant rows, and the
+# ws kernel variants timed beside ws at its defaults (prefill variant rows, and the
 # interleaved A/B of benches/gpu/sm90_ws_variants.py). run_prefill_sm90_gpu.sh smoke-checks
-# each first and leaves out those that fail or hang (--skip-variants).
+# each first and leaves out those that fail or hang (--skip-variants). (The consumer switches
+# measured in session 3 are folded into the kernel: benches/RESULTS.md.)
 SM90_WS_SWITCH_VARIANTS: dict[str, dict] = {
-    # all off: the kernel of 2026-11-26 16:30 UTC (560 TFLOP/s)
-    "ws-off": {
-        "kernel": "ws",
-        "ws_uniform_role": False,
-        "ws_desc_inc": False,
-        "ws_lazy_rescale": False,
-        "ws_xover": False,
-    },
-    "ws-no-lazy": {"kernel": "ws", "ws_lazy_rescale": False},
-    "ws-lazy-only": {
-        "kernel": "ws",
-        "ws_uniform_role": False,
-        "ws_desc_inc": False,
-        "ws_xover": False,
-    },
-    "ws-no-xover": {"kernel": "ws", "ws_xover": False},
     "ws-v3": {"kernel": "ws", "ws_vstages": 3},  # not a switch: the V ring one stage deeper
 }
 

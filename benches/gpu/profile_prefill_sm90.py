@@ -92,13 +92,6 @@ def waits() -> None:
 AB_CONFIGS = {
     "v1 (st2)": {"kernel": "v1"},
     "ws default": {"kernel": "ws"},
-    "ws switches off": {
-        "kernel": "ws",
-        "ws_uniform_role": False,
-        "ws_desc_inc": False,
-        "ws_lazy_rescale": False,
-        "ws_xover": False,
-    },
     "ws static schedule": {"kernel": "ws", "dynamic": False},
     "ws V ring 3": {"kernel": "ws", "ws_vstages": 3},
 }

@@ -8,8 +8,8 @@
 # Usage (device tool, carry=["dist"]): bash benches/gpu/run_prefill_sm90_gpu.sh
 # Knobs: TESTS=1 BENCH=1 AB=1 WAITS=1 GPUTESTS=0 PROFILE=0 (ncu of one kernel: PROFILE=ws|v1),
 # TESTS_K (pytest -k), COMPILE_TESTS= (skip the NVRTC tests), BENCH_ARGS (e.g. --no-variants).
-# SWITCHES=1: the ws kernel with its consumer switches turned off (bench_attention.py
-# SM90_WS_SWITCH_VARIANTS: ws-off, ws-no-lazy, ws-lazy-only, ws-no-xover; SW_ALL picks) gets
+# SWITCHES=1: the ws kernel variants (bench_attention.py SM90_WS_SWITCH_VARIANTS: ws-v3, the
+# V ring one stage deeper; SW_ALL picks; the session-3 consumer switches are folded in) get
 # a smoke check each (own process and timeout, so a hang costs one step); those that fail are
 # left out of the tests and the bench; their tests run as a separate step after the bench;
 # then an interleaved A/B against ws default (SWAB=1, SWAB_ROUNDS=7) and, with WAITS=1, their cycle counters.
@@ -47,7 +47,7 @@ cat /tmp/smoke.log >> "$OUT/gpu.txt"
 # The switch variants: smoke each (default ws passed first). GOOD / BAD: bench names;
 # NEW_K: their test ids in tests/gpu/test_prefill_sm90.py (ws-lazy-only has none), run in
 # their own step.
-SW_ALL="${SW_ALL:-ws-off ws-no-lazy ws-lazy-only ws-no-xover}"
+SW_ALL="${SW_ALL:-ws-v3}"
 GOOD=""; BAD=""; SW_RAN=0
 rm -f /tmp/smoke_sw.log /tmp/sass_sw.log  # a warm machine keeps /tmp between calls
 if [ "${SWITCHES:-1}" = 1 ] && [ $SMOKE = 0 ]; then
@@ -63,8 +63,7 @@ if [ "${SWITCHES:-1}" = 1 ] && [ $SMOKE = 0 ]; then
 else
   BAD="$SW_ALL"
 fi
-test_id() { case "$1" in ws-lazy-only | ws-v3) echo "" ;; *) echo "$1" ;; esac; }
-NOT_NEW="not ws-off and not ws-no-lazy and not ws-no-xover"
+test_id() { case "$1" in ws-v3) echo "" ;; *) echo "$1" ;; esac; }  # variants with test ids
 NEW_K=""
 for v in $GOOD; do
   t=$(test_id "$v"); [ -n "$t" ] && NEW_K="${NEW_K:+$NEW_K or }$t"
@@ -75,7 +74,6 @@ SKIP=$(echo $BAD | tr ' ' ',')
 # results: the ws tests alone (which cases fail). A hang: none (each ws test could hang again).
 if [ "${TESTS:-1}" = 1 ] && [ $SMOKE != 124 ]; then
   K="${TESTS_K:-}"; [ $SMOKE != 0 ] && K="ws"
-  K="${K:+($K) and }$NOT_NEW"
   T=$(tlim 240 150)  # keep 150 s for the bench
   [ $T -lt 30 ] && T=30
   timeout $T $PYTEST --maxfail 30 tests/gpu/test_prefill_sm90.py ${COMPILE_TESTS-tests/test_kernels_compile.py} \

@@ -1,4 +1,4 @@
-"""The ws prefill kernel's consumer switches on the device (not a test).
+"""The ws prefill kernel's build variants on the device (not a test).
 
 python benches/gpu/sm90_ws_variants.py --smoke NAME     # one variant vs v1 on four shapes;
                                                         # exit 1 on a mismatch (run it under
@@ -9,8 +9,8 @@ python benches/gpu/sm90_ws_variants.py --waits [NAME,...]  # consumer cycle coun
 python benches/gpu/sm90_ws_variants.py --sass [NAME,...]   # ptxas report + SASS op counts of
                                                            # each build (GQA 4, bf16; no GPU)
 
-NAME: a key of bench_attention.SM90_WS_SWITCH_VARIANTS (ws-off, ws-no-lazy, ws-lazy-only:
-the default's switches turned off); no list: all of them. Shape: b8 new4096 ctx4096, 32 q heads, HND.
+NAME: a key of bench_attention.SM90_WS_SWITCH_VARIANTS (ws-v3: the V ring one stage deeper);
+no list: all of them. Shape: b8 new4096 ctx4096, 32 q heads, HND.
 """
 
 from __future__ import annotations
@@ -131,25 +131,21 @@ def waits(names: list[str]) -> None:
 
 
 def sass(names: list[str]) -> None:
-    """Per build (GQA 4, bf16, the ops defaults plus the switches): registers, spills and the
-    SASS op counts that tell the variants apart (needs cuobjdump; compiles through the cache)."""
+    """Per build (GQA 4, bf16, the ops defaults or the variant's ring depths): registers,
+    spills and the SASS op counts that tell the variants apart (needs cuobjdump; compiles
+    through the cache)."""
     from kvserve.kernels import compiler, ops
 
     base = {"GQA": 4, "KV_BF16": 1, "PROF": 0, "QBUF": ops.SM90_WS_QBUF}
     base |= {"STAGES": ops.SM90_WS_STAGES, "VSTAGES": ops.SM90_WS_VSTAGES}
-    to_define = {
-        "ws_uniform_role": ("UNIFORM_ROLE", ops.SM90_WS_UNIFORM_ROLE),
-        "ws_desc_inc": ("DESC_INC", ops.SM90_WS_DESC_INC),
-        "ws_lazy_rescale": ("LAZY_RESCALE", ops.SM90_WS_LAZY_RESCALE),
-        "ws_xover": ("XOVER", ops.SM90_WS_XOVER),
-    }
+    to_define = {"ws_stages": "STAGES", "ws_vstages": "VSTAGES", "ws_qbuf": "QBUF"}
     configs = {"ws default": {"kernel": "ws"}, **{k: SM90_WS_SWITCH_VARIANTS[k] for k in names}}
     tool = shutil.which("cuobjdump")
     for name, kw in configs.items():
         defines = dict(base)
-        for key, (define, default) in to_define.items():
-            if kw.get(key, default):  # ops passes a switch only when on
-                defines[define] = 1
+        for key, define in to_define.items():
+            if key in kw:
+                defines[define] = kw[key]
         k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
         regs = re.findall(r"Used (\d+) registers", k.log)
         spill = re.findall(r"(\d+) bytes spill stores", k.log)

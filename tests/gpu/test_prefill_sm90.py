@@ -135,24 +135,6 @@ VARIANTS = {
         "max_ctas": 3,
     },
 }
-# The ws variants above run the default consumer switches (ops.SM90_WS_UNIFORM_ROLE,
-# SM90_WS_DESC_INC, SM90_WS_LAZY_RESCALE, SM90_WS_XOVER, all on); these turn them off: all
-# (the code before them), the lazy rescale alone (the running max updated every tile), the
-# cross-item overlap alone (each item's last P V and epilogue before the next item). They run the
-# cases above, the ragged batches and the bench-shape check, but only block sizes 16/32 of the
-# NaN-tail test (no change in the producer or the V-row zeroing; fewer compiles and cases).
-NEW_WS_VARIANTS = {
-    "ws-off": {
-        "kernel": "ws",
-        "ws_uniform_role": False,
-        "ws_desc_inc": False,
-        "ws_lazy_rescale": False,
-        "ws_xover": False,
-    },
-    "ws-no-lazy": {"kernel": "ws", "ws_lazy_rescale": False},
-    "ws-no-xover": {"kernel": "ws", "ws_xover": False},
-}
-VARIANTS.update(NEW_WS_VARIANTS)
 WS_VARIANTS = [k for k in VARIANTS if k.startswith("ws")]
 
 
@@ -207,7 +189,7 @@ def test_sm90_prefill_random_ragged_batches(variant) -> None:
     [
         (v, bs)
         for v in ["v1-st2", *WS_VARIANTS]
-        for bs in ([16, 32] if v in NEW_WS_VARIANTS else [8, 16, 64, 256])
+        for bs in [8, 16, 64, 256]
     ],
 )
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
@@ -252,7 +234,7 @@ def test_sm90_ws_matches_v1_on_bench_shape(variant) -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    ["v1-st2", "ws-st2q2", "ws-st2q2-static", "ws-st2q1-3ctas", "ws-off", "ws-no-xover"],
+    ["v1-st2", "ws-st2q2", "ws-st2q2-static", "ws-st2q1-3ctas"],
 )
 def test_sm90_prefill_is_repeatable(variant) -> None:
     # Also: the dynamic scheduler's counter is re-armed by each launch for the next.

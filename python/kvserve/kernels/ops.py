@@ -458,21 +458,6 @@ SM90_PREFILL_KERNEL = os.environ.get("KVSERVE_SM90_PREFILL", "ws")
 SM90_WS_STAGES = 2  # K ring
 SM90_WS_VSTAGES = 2  # V ring
 SM90_WS_QBUF = 2
-# Consumer switches (benches/RESULTS.md, "Session 3"; H100 b8 s4096 32q/8kv, interleaved A/B:
-# all four on 1.13-1.15x all off, 560 -> 602-626 TFLOP/s), all on: UNIFORM_ROLE: the warpgroup
-# index through a shuffle, so ptxas sees the role branch as warp-uniform (descriptors and
-# barriers on the uniform datapath, no divergence checks around the shuffles); DESC_INC: wgmma
-# descriptors as a per-tile word + constants; LAZY_RESCALE: the running max moves only when it
-# grows by > 8 (log2 units; P <= 256), so most tiles skip O's rescale (FlashAttention-4). Off:
-# the code before them (A/B baseline). Measured slower and removed: tree reductions in the
-# softmax, packed bf16x2 ex2, the O rescale under the next S product.
-SM90_WS_UNIFORM_ROLE = True
-SM90_WS_DESC_INC = True
-SM90_WS_LAZY_RESCALE = True
-# XOVER: an item's last P V product and the next item's first S product in the tensor pipe
-# together (the next item's first softmax runs under the P V; then the epilogue): 1.03-1.04x
-# / 1.01-1.02x (32q/8kv / 32q/32kv) over the three others alone.
-SM90_WS_XOVER = True
 SM90_WS_PERSISTENT = True
 # Persistent CTAs take items from an atomic counter (dynamic) instead of a fixed stride.
 SM90_WS_DYNAMIC = True
@@ -558,10 +543,6 @@ def paged_prefill_sm90(
     ws_stages: int | None = None,
     ws_vstages: int | None = None,
     ws_qbuf: int | None = None,
-    ws_uniform_role: bool | None = None,
-    ws_desc_inc: bool | None = None,
-    ws_lazy_rescale: bool | None = None,
-    ws_xover: bool | None = None,
     persistent: bool | None = None,
     dynamic: bool | None = None,
     max_ctas: int | None = None,
@@ -575,9 +556,7 @@ def paged_prefill_sm90(
     configured by ``stages``/``pipelined``); None takes SM90_PREFILL_KERNEL. ``max_ctas``
     caps the persistent grid (tests: many work items per CTA). ``profile_buffer`` (int64
     [7], zeroed; ws only) selects a build that adds consumer-warp cycle counters into it
-    (benches/gpu/profile_prefill_sm90.py). ``ws_uniform_role`` / ``ws_desc_inc`` /
-    ``ws_lazy_rescale`` / ``ws_xover`` (None: the SM90_WS_* defaults) select the ws
-    consumer switches described at SM90_WS_UNIFORM_ROLE.
+    (benches/gpu/profile_prefill_sm90.py).
     """
     nseq = seq_end - seq_begin
     if nseq <= 0 or max_query_len <= 0:
@@ -620,10 +599,6 @@ def paged_prefill_sm90(
             stages=SM90_WS_STAGES if ws_stages is None else ws_stages,
             vstages=SM90_WS_VSTAGES if ws_vstages is None else ws_vstages,
             qbuf=SM90_WS_QBUF if ws_qbuf is None else ws_qbuf,
-            uniform_role=SM90_WS_UNIFORM_ROLE if ws_uniform_role is None else ws_uniform_role,
-            desc_inc=SM90_WS_DESC_INC if ws_desc_inc is None else ws_desc_inc,
-            lazy_rescale=SM90_WS_LAZY_RESCALE if ws_lazy_rescale is None else ws_lazy_rescale,
-            xover=SM90_WS_XOVER if ws_xover is None else ws_xover,
             persistent=SM90_WS_PERSISTENT if persistent is None else persistent,
             dynamic=SM90_WS_DYNAMIC if dynamic is None else dynamic,
             max_ctas=max_ctas,
@@ -678,10 +653,6 @@ def _sm90_ws_launch(
     persistent: bool,
     dynamic: bool,
     max_ctas: int | None,
-    uniform_role: bool,
-    desc_inc: bool,
-    lazy_rescale: bool,
-    xover: bool,
     prof: torch.Tensor | None,
     dev: int,
 ) -> None:
@@ -702,15 +673,6 @@ def _sm90_ws_launch(
         ("STAGES", stages),
         ("VSTAGES", vstages),
     )
-    # The consumer switches are passed only when on (off: the kernel's code before them).
-    for name, on in (
-        ("UNIFORM_ROLE", uniform_role),
-        ("DESC_INC", desc_inc),
-        ("LAZY_RESCALE", lazy_rescale),
-        ("XOVER", xover),
-    ):
-        if on:
-            defines += ((name, 1),)
     kern = load_kernel("paged_prefill_sm90_ws.cu", "paged_prefill_sm90_ws", defines, smem, dev)
     block_shift = block_size.bit_length() - 1
     box_shift = min(block_shift, 7)

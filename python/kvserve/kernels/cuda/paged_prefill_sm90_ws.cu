@@ -16,9 +16,9 @@
 //       before O += P(j-1) V(j-1) (wgmma, P from registers), and the softmax of S(j) runs
 //       while the P V product is in the tensor pipe (intra-warpgroup overlap); the two
 //       consumers take turns issuing their GEMMs (named barriers 1 and 2, ping-pong), so
-//       one's softmax runs under the other's GEMMs. With XOVER an item's last P V product
-//       is issued with the next item's first S product (and that item's first softmax runs
-//       under it) before the epilogue, so item boundaries do not drain the tensor pipe.
+//       one's softmax runs under the other's GEMMs. An item's last P V product is issued
+//       with the next item's first S product (and that item's first softmax runs under it)
+//       before the epilogue, so item boundaries do not drain the tensor pipe.
 // Work items (sequence, kv head, 128-row query tile) are walked by a persistent grid
 // (item = blockIdx.x + k * gridDim.x; with gridDim.x = #items every CTA takes one item):
 // query tiles of one (sequence, kv head) are adjacent, last (heaviest) tile first, so the
@@ -31,14 +31,12 @@
 //
 // Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), GQA, STAGES (K ring, 2 or 3),
 // VSTAGES (V ring, 2 or 3), QBUF (1 or 2: Q buffers), PROF (consumer cycle counters for
-// benches/gpu/profile_prefill_sm90.py --waits), and four consumer switches that
-// kernels/ops.py turns on (all off compiles the kernel of 2026-11-26 16:30 UTC, bit for bit):
-// UNIFORM_ROLE (warp-uniform role branch, see wgi), DESC_INC (wgmma descriptors as word +
-// constant, see desc_lo), LAZY_RESCALE (the running max moves only by > 8, see the softmax),
-// XOVER (the cross-item overlap above; its loop is a second copy of the consumer loop, the
-// other one kept as the A/B baseline). Slower variants measured and removed
-// (benches/RESULTS.md): tree reductions in the softmax, packed bf16x2 ex2, the O rescale under
-// the next S product.
+// benches/gpu/profile_prefill_sm90.py --waits). What made it fast (benches/RESULTS.md,
+// "Prefill, warp-specialised Hopper kernel", Session 3, where each was measured as a switch
+// before the switches were folded in): a warp-uniform role branch (see wgi), wgmma
+// descriptors as a word + constants (see desc_lo), a running max that moves only by > 8
+// (see the softmax) and the cross-item overlap above. Slower variants measured and removed:
+// tree reductions in the softmax, packed bf16x2 ex2, the O rescale under the next S product.
 
 #include "sm90_wgmma.cuh"
 
@@ -58,18 +56,6 @@ constexpr int Q_LOADERS = 64;  // producer warps 2-3
 #endif
 #ifndef PROF
 #define PROF 0
-#endif
-#ifndef UNIFORM_ROLE
-#define UNIFORM_ROLE 0  // 1: the warpgroup index through a shuffle (see there)
-#endif
-#ifndef DESC_INC
-#define DESC_INC 0  // 1: wgmma descriptors = a per-tile base word + constants (see desc_lo)
-#endif
-#ifndef XOVER
-#define XOVER 0  // 1: an item's last P V and the next item's first S product overlap
-#endif
-#ifndef LAZY_RESCALE
-#define LAZY_RESCALE 0  // 1: the running max moves only when it grows by > 8 (see softmax)
 #endif
 static_assert(STAGES >= 2 && STAGES <= 3 && VSTAGES >= 2 && VSTAGES <= 3, "2 or 3 stages");
 static_assert(QBUF >= 1 && QBUF <= 2, "QBUF must be 1 or 2");
@@ -126,7 +112,6 @@ __device__ __forceinline__ u32 tile_off(int r, int c) {
   return static_cast<u32>((c >> 3) * 128 * 128 + r * 128 + (((c & 7) ^ (r & 7)) << 4));
 }
 
-#if DESC_INC
 // The low word of a wgmma descriptor (start address >> 4, leading byte offset >> 4 at bit 16)
 // and its constant high word (stride byte offset 1024, 128B swizzle): the start address field
 // holds any shared address (< 256 KiB) >> 4 without carry, so the descriptor of a sub-tile is
@@ -138,7 +123,6 @@ constexpr u32 DESC_HI = (1024u >> 4) | (1u << 30);
 __device__ __forceinline__ u64 desc64(u32 lo) {
   return (static_cast<u64>(DESC_HI) << 32) | lo;
 }
-#endif
 
 // One work item: what both roles derive from its index (identically, so they agree on
 // which items are empty and how many tiles each has).
@@ -195,15 +179,11 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
   auto q_empty = [&](int b) { return bar0 + 8u * (2 * STAGES + 2 * VSTAGES + QBUF + b); };
 
   const int tid = threadIdx.x;
-#if UNIFORM_ROLE
   // The same value, but ptxas cannot see that tid >> 7 is warp-uniform: the role branch
   // counts as divergent and everything under it runs on the vector datapath (descriptors
   // rebuilt per wgmma and moved by R2UR, shuffles behind BRA.DIV checks). Lane 0's value,
   // broadcast, is uniform by construction (CUTLASS's canonical_warp_group_idx).
   const int wgi = __shfl_sync(0xffffffffu, tid >> 7, 0);  // 0 producer, 1-2 consumers
-#else
-  const int wgi = tid >> 7;  // 0 producer, 1-2 consumers
-#endif
   const int warp = (tid >> 5) & 3;
   const int lane = tid & 31;
 
@@ -361,9 +341,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
 #define PROF_TIC2
 #define PROF_TOC2(i)
 #endif
-#if XOVER
     // The current item and what the softmax and the GEMM issue derive from it (reassigned
-    // when the next item is taken: XOVER takes it while this item's last P V is in flight).
+    // when the next item is taken: while this item's last P V is in flight).
     int nq = 0;  // items taken so far (Q buffer positions)
     int qb = 0;
     Item it;
@@ -371,9 +350,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
     int lim[2];
     int wg_min_lim = 0;
     bool wg_has_pad = false;
-#if DESC_INC
     u32 dq = 0;
-#endif
     float o[64];
     float m[2], l[2];
     float s[64];
@@ -393,9 +370,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
       }
       wg_min_lim = it.prefix + wg_row0 / G;
       wg_has_pad = wg_row0 + 64 > it.nrows;
-#if DESC_INC
       dq = desc_lo(q_wg, 16);
-#endif
       m[0] = m[1] = NEG_INF;
       l[0] = l[1] = 0.f;
       return true;
@@ -406,35 +381,22 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
     };
 
     auto issue_s = [&](u32 ks) {
-#if DESC_INC
       const u32 dk = desc_lo(ks, 16);
-#endif
 #pragma unroll
       for (int kk = 0; kk < D / 16; ++kk) {
         const u32 koff = (kk & 3) << 5;
-#if DESC_INC
         const u64 da = desc64(dq + (((kk >> 2) * (BM * 128) + koff) >> 4));
         const u64 db = desc64(dk + (((kk >> 2) * (BN * 128) + koff) >> 4));
-#else
-        const u64 da = make_desc(q_wg + (kk >> 2) * (BM * 128) + koff, 16, 1024);
-        const u64 db = make_desc(ks + (kk >> 2) * (BN * 128) + koff, 16, 1024);
-#endif
         wgmma_ss(s, da, db, kk > 0);
       }
     };
     // P from registers (the S accumulator layout is the A fragment layout), V an N-major
     // B: 64-column halves BN*128 bytes apart (LBO), 8-row groups 1024 apart (SBO).
     auto issue_pv = [&](u32 vs) {
-#if DESC_INC
       const u32 dv = desc_lo(vs, BN * 128);
-#endif
 #pragma unroll
       for (int kt = 0; kt < BN / 16; ++kt) {
-#if DESC_INC
         wgmma_rs(o, pa[kt], desc64(dv + ((kt * 16 * 128) >> 4)));
-#else
-        wgmma_rs(o, pa[kt], make_desc(vs + kt * 16 * 128, BN * 128, 1024));
-#endif
       }
     };
     auto fence_pa = [&]() {
@@ -461,7 +423,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-#if LAZY_RESCALE
         // FlashAttention-4's conditional rescale: the max used for P moves only when the
         // row's max exceeds it by more than 8 (log2 units), so P <= 2^8 (bf16 / fp16 keep
         // their relative precision there; sums in fp32); else alpha is 1 and O needs no
@@ -469,9 +430,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
         // -inf: NaN > 8 is false, m stays -inf.
         const float m_cand = fmaxf(m[h], mx * scale_log2);
         const float m_new = m_cand - m[h] > 8.f ? m_cand : m[h];
-#else
-        const float m_new = fmaxf(m[h], mx * scale_log2);
-#endif
         const float m_use = m_new == NEG_INF ? 0.f : m_new;  // nothing visible yet: no NaN
         alpha[h] = exp2f(m[h] - m_use);
         m[h] = m_new;
@@ -517,12 +475,8 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
       }
     };
     auto rescale_and_pack = [&](const float(&alpha)[2]) {
-#if LAZY_RESCALE
       // alpha is exactly 1 unless the max moved: skip the 64 multiplies (warp-uniform).
       if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) rescale_o(alpha);
-#else
-      rescale_o(alpha);
-#endif
       pack_p();
     };
     // Normalise and store straight from the accumulator registers (item e, row sums lsum).
@@ -548,7 +502,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
     };
 
     bool more = take_item();
-    bool s0_done = false;  // XOVER: the item's first S product and softmax already ran
+    bool s0_done = false;  // the item's first S product and softmax already ran
     while (more) {
       if (!s0_done) {
         // ---- tile 0: S only
@@ -603,7 +557,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
         rescale_and_pack(alpha);
       }
       release(q_empty(qb));  // every S product of this item has completed
-      // ---- last P V (XOVER: with the next item's first S product)
+      // ---- last P V (with the next item's first S product)
       const Item cur = it;
       const float l_cur[2] = {l[0], l[1]};
       const int jl = cur.ntiles - 1;
@@ -671,265 +625,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
       release(empty_v(sp));
       epilogue(cur, l_cur);
     }
-#else
-    for (int nq = 0;; ++nq) {  // nq: items consumed so far (Q buffer positions)
-      const int qb = nq % QBUF;
-      mbar_wait(q_full(qb), (nq / QBUF) & 1);
-      const Item it = items_s[qb];  // published by the Q loaders with the Q tile
-      if (it.ntiles == 0) break;
-      const u32 q_wg = q_s + qb * TILE_BYTES + cw * 64 * 128;  // my 64 rows in each half
-      const int wg_row0 = it.row0 + cw * 64;
-      int lim[2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int row = wg_row0 + warp * 16 + gid + h * 8;
-        lim[h] = row < it.nrows ? it.prefix + row / G : -1;
-      }
-      const int wg_min_lim = it.prefix + wg_row0 / G;
-      const bool wg_has_pad = wg_row0 + 64 > it.nrows;
-
-      float o[64];
-#pragma unroll
-      for (int i = 0; i < 64; ++i) o[i] = 0.f;
-      float m[2] = {NEG_INF, NEG_INF};
-      float l[2] = {0.f, 0.f};
-      float s[64];
-      u32 pa[BN / 16][4];
-
-#if DESC_INC
-      const u32 dq = desc_lo(q_wg, 16);
-#endif
-      auto issue_s = [&](u32 ks) {
-#if DESC_INC
-        const u32 dk = desc_lo(ks, 16);
-#endif
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const u32 koff = (kk & 3) << 5;
-#if DESC_INC
-          const u64 da = desc64(dq + (((kk >> 2) * (BM * 128) + koff) >> 4));
-          const u64 db = desc64(dk + (((kk >> 2) * (BN * 128) + koff) >> 4));
-#else
-          const u64 da = make_desc(q_wg + (kk >> 2) * (BM * 128) + koff, 16, 1024);
-          const u64 db = make_desc(ks + (kk >> 2) * (BN * 128) + koff, 16, 1024);
-#endif
-          wgmma_ss(s, da, db, kk > 0);
-        }
-      };
-      // P from registers (the S accumulator layout is the A fragment layout), V an N-major
-      // B: 64-column halves BN*128 bytes apart (LBO), 8-row groups 1024 apart (SBO).
-      auto issue_pv = [&](u32 vs) {
-#if DESC_INC
-        const u32 dv = desc_lo(vs, BN * 128);
-#endif
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; ++kt) {
-#if DESC_INC
-          wgmma_rs(o, pa[kt], desc64(dv + ((kt * 16 * 128) >> 4)));
-#else
-          wgmma_rs(o, pa[kt], make_desc(vs + kt * 16 * 128, BN * 128, 1024));
-#endif
-        }
-      };
-      auto fence_pa = [&]() {
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; ++kt)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(pa[kt][e])::"memory");
-      };
-      // One row after the other, one running max / sum each (the first version).
-      auto softmax_impl = [&](const bool masked, int tile_start, float(&alpha)[2]) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float mx = NEG_INF;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              if (masked) {
-                const int j = tile_start + n * 8 + tig * 2 + e;
-                if (j > lim[h]) s[n * 4 + h * 2 + e] = NEG_INF;
-              }
-              mx = fmaxf(mx, s[n * 4 + h * 2 + e]);
-            }
-          }
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-#if LAZY_RESCALE
-          // FlashAttention-4's conditional rescale: the max used for P moves only when the
-          // row's max grows by more than 2^8 over it (P <= 256, exact in bf16/fp16 relative
-          // terms, sums in fp32); else alpha is 1 and O needs no rescale (most tiles).
-          // m[h] = -inf (nothing seen yet): inf > 8 moves it; NaN (both -inf) keeps -inf.
-          const float m_cand = fmaxf(m[h], mx * scale_log2);
-          const float m_new = m_cand - m[h] > 8.f ? m_cand : m[h];
-#else
-          const float m_new = fmaxf(m[h], mx * scale_log2);
-#endif
-          const float m_use = m_new == NEG_INF ? 0.f : m_new;  // nothing visible yet: no NaN
-          alpha[h] = exp2f(m[h] - m_use);
-          m[h] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int n = 0; n < BN / 8; ++n) {
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float p = exp2f(fmaf(s[n * 4 + h * 2 + e], scale_log2, -m_use));
-              s[n * 4 + h * 2 + e] = p;
-              sum += p;
-            }
-          }
-          l[h] = l[h] * alpha[h] + sum;
-        }
-      };
-      // The mask is compiled in only for tiles reaching past a row's causal bound (or with
-      // padding rows): a uniform branch between two inlined copies.
-      auto softmax = [&](int tile_start, float(&alpha)[2]) {
-        if (wg_has_pad || tile_start + BN - 1 > wg_min_lim) {
-          softmax_impl(true, tile_start, alpha);
-        } else {
-          softmax_impl(false, tile_start, alpha);
-        }
-      };
-      auto rescale_o = [&](const float(&alpha)[2]) {
-#pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-          o[n * 4 + 0] *= alpha[0];
-          o[n * 4 + 1] *= alpha[0];
-          o[n * 4 + 2] *= alpha[1];
-          o[n * 4 + 3] *= alpha[1];
-        }
-      };
-      // P of the last softmax into the P V operand (only once the previous P V has completed).
-      auto pack_p = [&]() {
-#pragma unroll
-        for (int kt = 0; kt < BN / 16; ++kt) {
-          pa[kt][0] = pack2(s[(2 * kt) * 4 + 0], s[(2 * kt) * 4 + 1]);
-          pa[kt][1] = pack2(s[(2 * kt) * 4 + 2], s[(2 * kt) * 4 + 3]);
-          pa[kt][2] = pack2(s[(2 * kt + 1) * 4 + 0], s[(2 * kt + 1) * 4 + 1]);
-          pa[kt][3] = pack2(s[(2 * kt + 1) * 4 + 2], s[(2 * kt + 1) * 4 + 3]);
-        }
-      };
-      auto rescale_and_pack = [&](const float(&alpha)[2]) {
-#if LAZY_RESCALE
-        // alpha is exactly 1 unless the max moved: skip the 64 multiplies (warp-uniform).
-        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) rescale_o(alpha);
-#else
-        rescale_o(alpha);
-#endif
-        pack_p();
-      };
-
-      // ---- tile 0: S only
-      {
-        const int st = g % STAGES;
-        mbar_wait(full_k(st), (g / STAGES) & 1);
-        sched_sync();
-        wgmma_fence();
-        issue_s(k_s + st * TILE_BYTES);
-        wgmma_commit();
-        sched_arrive();
-        wgmma_wait<0>();
-        fence_regs(s);
-        release(empty_k(st));
-        float alpha[2];
-        softmax(0, alpha);
-        rescale_and_pack(alpha);
-      }
-      // ---- tiles 1..n-1: S(j) and P(j-1) V(j-1) in flight together
-      for (int j = 1; j < it.ntiles; ++j) {
-        const int st = (g + j) % STAGES;
-        const int sp = (g + j - 1) % VSTAGES;
-        PROF_TIC;
-        mbar_wait(full_k(st), ((g + j) / STAGES) & 1);
-        mbar_wait(full_v(sp), ((g + j - 1) / VSTAGES) & 1);
-        PROF_TOC(0);
-        PROF_TIC2;
-        sched_sync();
-        PROF_TOC2(1);
-        fence_regs(o);
-        wgmma_fence();
-        issue_s(k_s + st * TILE_BYTES);
-        wgmma_commit();
-        issue_pv(v_s + sp * TILE_BYTES);
-        wgmma_commit();
-        sched_arrive();
-        PROF_TIC;
-        wgmma_wait<1>();
-        fence_regs(s);
-        PROF_TOC(2);
-        release(empty_k(st));
-        float alpha[2];
-        PROF_TIC2;
-        softmax(j * BN, alpha);
-        PROF_TOC2(3);
-        PROF_TIC;
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_pa();
-        PROF_TOC(4);
-        release(empty_v(sp));
-        rescale_and_pack(alpha);
-      }
-      release(q_empty(qb));  // every S product of this item has completed
-      // ---- last P V
-      {
-        const int jl = it.ntiles - 1;
-        const int sp = (g + jl) % VSTAGES;
-        const u32 vs = v_s + sp * TILE_BYTES;
-        mbar_wait(full_v(sp), ((g + jl) / VSTAGES) & 1);
-        const int valid = it.kv_end - jl * BN;
-        if (valid < BN) {
-          // Rows past the context: zero them (garbage times p = 0 could still be NaN).
-          const int wt = tid & 127;
-          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-          for (int idx = valid * 16 + wt; idx < BN * 16; idx += 128) {
-            const int r = idx >> 4;
-            const int c = idx & 15;
-            *reinterpret_cast<uint4*>(smem_raw + (vs - raw_u32) + tile_off(r, c)) = z;
-          }
-          fence_proxy_async();
-          named_sync(3 + cw, 128);
-        }
-        sched_sync();
-        fence_regs(o);
-        wgmma_fence();
-        issue_pv(vs);
-        wgmma_commit();
-        sched_arrive();
-        wgmma_wait<0>();
-        fence_regs(o);
-        fence_pa();
-        release(empty_v(sp));
-      }
-      g += it.ntiles;
-#if PROF
-      prof_acc[6] += it.ntiles;
-#endif
-
-      // ---- epilogue: normalise, store straight from registers.
-      const int e_row0 = it.row0 + cw * 64;
-      const int e_nrows = it.nrows;
-      const int e_qstart = it.q_start;
-      const int e_kvh = it.kvh;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float lsum = l[h];
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 1);
-        lsum += __shfl_xor_sync(0xffffffff, lsum, 2);
-        const float inv = lsum > 0.f ? 1.f / lsum : 0.f;
-        const int row = e_row0 + warp * 16 + gid + h * 8;
-        if (row < e_nrows) {
-          elem_t* dst = out + static_cast<i64>(e_qstart + row / G) * out_stride_t +
-                        static_cast<i64>(e_kvh * G + row % G) * out_stride_h + tig * 2;
-#pragma unroll
-          for (int n = 0; n < D / 8; ++n) {
-            *reinterpret_cast<u32*>(dst + n * 8) =
-                pack2(o[n * 4 + h * 2] * inv, o[n * 4 + h * 2 + 1] * inv);
-          }
-        }
-      }
-    }
-#endif
 #if PROF
     prof_acc[5] = clock64() - prof_start;
     if (lane == 0 && prof != nullptr) {
