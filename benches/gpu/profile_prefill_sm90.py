@@ -97,18 +97,12 @@ AB_CONFIGS = {
 }
 
 
-def ab(rounds: int = 7, calls: int = 10) -> None:
-    """Interleaved timing (b8 new4096 ctx4096, 32q/8kv, HND): one CUDA graph of `calls`
-    launches per config, replayed round-robin `rounds` times; medians, so clock drift over
-    the run hits every config alike."""
-    import statistics
-
-    n = 4096
-    args = _setup(8, n)
-    pairs = 8 * (n * (n + 1) // 2)
-    flops = 4 * 32 * 128 * pairs
+def graph_times(args, n: int, configs: dict[str, dict], rounds: int, calls: int
+                ) -> dict[str, list[float]]:
+    """ms per launch of each config (HND, n new tokens): one CUDA graph of `calls` launches
+    per config, replayed round-robin `rounds` times, so clock drift hits every config alike."""
     graphs = {}
-    for name, kw in AB_CONFIGS.items():
+    for name, kw in configs.items():
         _launch(args, "HND", n, **kw)  # compile, warm
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
@@ -125,6 +119,22 @@ def ab(rounds: int = 7, calls: int = 10) -> None:
             b.record()
             b.synchronize()
             times[name].append(a.elapsed_time(b) / calls)
+    del graphs
+    torch.cuda.synchronize()
+    return times
+
+
+def ab(rounds: int = 7, calls: int = 10) -> None:
+    """Interleaved timing (b8 new4096 ctx4096, 32q/8kv, HND): one CUDA graph of `calls`
+    launches per config, replayed round-robin `rounds` times; medians, so clock drift over
+    the run hits every config alike."""
+    import statistics
+
+    n = 4096
+    args = _setup(8, n)
+    pairs = 8 * (n * (n + 1) // 2)
+    flops = 4 * 32 * 128 * pairs
+    times = graph_times(args, n, AB_CONFIGS, rounds, calls)
     for name, ts in times.items():
         ms = statistics.median(ts)
         print(

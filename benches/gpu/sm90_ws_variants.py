@@ -27,7 +27,7 @@ import time
 
 import torch
 from bench_attention import SM90_WS_SWITCH_VARIANTS
-from profile_prefill_sm90 import _launch, _setup
+from profile_prefill_sm90 import _launch, _setup, graph_times
 
 
 def _names(arg: str | None) -> list[str]:
@@ -77,24 +77,7 @@ def ab(names: list[str], rounds: int = 7, calls: int = 10) -> None:
     configs = {"ws default": {"kernel": "ws"}, **{k: SM90_WS_SWITCH_VARIANTS[k] for k in names}}
     for hkv in (8, 32):
         args = _setup(8, n, hkv=hkv)
-        graphs = {}
-        for name, kw in configs.items():
-            _launch(args, "HND", n, **kw)  # compile, warm
-            torch.cuda.synchronize()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for _ in range(calls):
-                    _launch(args, "HND", n, **kw)
-            graphs[name] = g
-        times: dict[str, list[float]] = {k: [] for k in graphs}
-        for _ in range(rounds):
-            for name, g in graphs.items():
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                times[name].append(a.elapsed_time(b) / calls)
+        times = graph_times(args, n, configs, rounds, calls)
         base = statistics.median(times["ws default"])
         for name, ts in times.items():
             ms = statistics.median(ts)
@@ -104,8 +87,6 @@ def ab(names: list[str], rounds: int = 7, calls: int = 10) -> None:
                 f" (min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} us)",
                 flush=True,
             )
-        del graphs
-        torch.cuda.synchronize()
 
 
 def waits(names: list[str]) -> None:

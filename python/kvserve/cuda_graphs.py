@@ -202,7 +202,6 @@ class DecodeGraphs:
         nxt = plan.positions + 1
         return bool(np.all(nxt & (self.block_size - 1) != 0)
                     and np.all(nxt < self.max_model_len)
-                    and np.all(plan.slot_mapping >= 0)
                     and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
                     and len(plan.copies) == 0)
 

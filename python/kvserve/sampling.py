@@ -39,8 +39,7 @@ class Sampler:
     def greedy_only(rows: Sequence[SampleRow]) -> bool:
         """Whether these rows' tokens are the logits' argmax and nothing else is read from
         the logits (the decode graphs may then run the next step ahead)."""
-        return all(r.params.greedy and not r.params.needs_penalties
-                   and r.params.min_tokens == 0 and r.params.logprobs is None for r in rows)
+        return all(_plain_greedy(r.params) and r.params.logprobs is None for r in rows)
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow],
                  greedy: torch.Tensor | None = None) -> SamplerOutput:
@@ -52,7 +51,7 @@ class Sampler:
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        simple = all(p.greedy and not p.needs_penalties and p.min_tokens == 0 for p in params)
+        simple = all(_plain_greedy(p) for p in params)
         if simple:  # the common greedy batch: one argmax, nothing else
             tokens = greedy if greedy is not None else logits.argmax(dim=-1)
         else:
@@ -87,6 +86,11 @@ class Sampler:
         # Exponential race: argmax(p / E) draws from p (Gumbel-max in disguise).
         result[idx] = (probs / noise).argmax(dim=-1)
         return result
+
+
+def _plain_greedy(p: SamplingParams) -> bool:
+    """The token is the logits' argmax: greedy, no penalties, no min_tokens masking."""
+    return p.greedy and not p.needs_penalties and p.min_tokens == 0
 
 
 def _mask_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:

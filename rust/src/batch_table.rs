@@ -184,6 +184,12 @@ impl BatchTable {
         self.row_of_slot[slot] = i as u32;
     }
 
+    /// Columns of the table: the last plan's `max_blocks`.
+    #[inline]
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
     /// Blocks row `i` holds.
     #[inline]
     pub fn row_len(&self, i: usize) -> usize {

@@ -106,7 +106,6 @@ struct SteadyBatch {
     intact: bool,
     /// The tokens its commit sampled: the next step's input ids.
     tokens: Vec<i64>,
-    max_blocks: usize,
     /// Each row's stop conditions (fixed for a request's life), so commit reads its
     /// record only when a token may stop it.
     stops: Vec<StopRule>,
@@ -493,10 +492,11 @@ impl Scheduler {
             return None;
         }
         sb.committed = false;
-        for &i in &sb.growing {
-            sb.max_blocks = sb.max_blocks.max(self.batch.row_len(i) + 1);
-        }
-        self.batch.begin(n, sb.max_blocks, self.slots.len());
+        // The last plan's width (the table's), wider if a growing row outgrows it.
+        let max_blocks = sb.growing.iter().fold(self.batch.stride(), |w, &i| {
+            w.max(self.batch.row_len(i) + 1)
+        });
+        self.batch.begin(n, max_blocks, self.slots.len());
         for &i in &sb.growing {
             // Rows grow in row order, as the full path grows them: same blocks.
             let slot = self.scratch.seqs[i].0;
@@ -533,7 +533,7 @@ impl Scheduler {
         plan.num_seqs = n;
         plan.num_tokens = n;
         plan.num_decodes = n;
-        plan.max_blocks = sb.max_blocks;
+        plan.max_blocks = max_blocks;
         for (dst, src) in [
             (&mut plan.handles, &sb.handles),
             (&mut plan.sample_handles, &sb.handles),
@@ -1042,7 +1042,6 @@ impl Scheduler {
         if num_decodes == num_seqs && num_seqs > 0 && self.steady_path {
             sb.plan_id = plan.id;
             sb.intact = true;
-            sb.max_blocks = max_blocks;
             for (dst, src) in [
                 (&mut sb.positions, &plan.positions),
                 (&mut sb.slot_mapping, &plan.slot_mapping),
@@ -1111,8 +1110,6 @@ impl Scheduler {
                 msg: "no plan".into(),
             });
         };
-        let bs = self.cfg.block_size;
-        let caching = self.cfg.enable_prefix_caching;
         let mut out = self.scratch.output.take().unwrap_or_default();
         out.handles.clear();
         out.handles.reserve(sampled.len());
@@ -1121,47 +1118,39 @@ impl Scheduler {
         out.finished_handles.clear();
         out.finish_reasons.clear();
         out.finished_ids.clear();
-        let mut any_finished = false;
         // A steady batch's plan with no request ended since: every row is a running
-        // decode with a sample, so the checks below are not needed.
+        // decode with a sample, so the full path's per-row checks are not needed.
         let steady = self.steady.plan_id == plan_id && self.steady.intact;
-        if steady {
-            out.handles.extend_from_slice(&self.steady.handles);
-            out.token_ids.extend_from_slice(sampled);
+        let any_finished = if steady {
+            self.commit_steady_rows(&p, sampled, &mut out)
+        } else {
+            self.commit_rows(&p, sampled, &mut out)
+        };
+        if any_finished {
+            let slots = &self.slots;
+            self.running.retain(|&s| slots[s].is_some());
         }
-        let mask = bs - 1;
-        // Taken out for the loop (`remove` needs all of self); put back below.
-        let sb = std::mem::take(&mut self.steady);
-        let rows = p.seqs.iter().zip(sampled).zip(&sb.positions);
-        for (((&(slot, handle, _), &tok), &pos), rule) in rows.zip(&sb.stops).filter(|_| steady) {
-            let r = self.slots[slot]
-                .as_mut()
-                .expect("steady row holds a request");
-            r.num_computed += 1;
-            // Every commit registers the blocks it fills, so only a step that fills one
-            // has anything to register (and only then is the record's second line read).
-            if caching && r.num_computed & mask == 0 {
-                register_full_blocks(r, slot, &self.recent, &mut self.gpu, &mut self.prefix, bs);
-            }
-            self.recent.push(r, slot, tok);
-            r.last_token = tok;
-            // Tokens once `tok` is appended: its position, one past the input's.
-            let num_tokens = pos as usize + 2;
-            debug_assert_eq!(num_tokens, r.num_tokens());
-            if !rule.may_stop(num_tokens, tok) {
-                continue;
-            }
-            if let Some(reason) = r.stop_reason(tok) {
-                out.finished_handles.push(handle);
-                out.finish_reasons.push(reason);
-                out.finished_ids.push(r.cold.id.clone());
-                self.remove(slot, reason, false);
-                any_finished = true;
-            }
+        // Every row of a steady batch's plan took its token and runs on: the next step
+        // may start from the batch.
+        let sb = &mut self.steady;
+        sb.committed = steady && !any_finished;
+        if sb.committed {
+            sb.tokens.clear();
+            sb.tokens.extend_from_slice(sampled);
         }
-        // One pass: sampled rows are a subsequence of the plan's sequences, in order.
+        self.recycle(p);
+        Ok(out)
+    }
+
+    /// `commit`'s rows for any plan: sampled rows are a subsequence of the plan's
+    /// sequences, in order; rows whose request ended since `schedule` are skipped. Returns
+    /// whether a request finished.
+    fn commit_rows(&mut self, p: &Pending, sampled: &[i64], out: &mut StepOutput) -> bool {
+        let bs = self.cfg.block_size;
+        let caching = self.cfg.enable_prefix_caching;
+        let mut any_finished = false;
         let mut next_sample = 0;
-        for &(slot, handle, num_new) in p.seqs.iter().filter(|_| !steady) {
+        for &(slot, handle, num_new) in &p.seqs {
             let tok = match p.samples.get(next_sample) {
                 Some(&(s, h)) if s == slot && h == handle => {
                     next_sample += 1;
@@ -1185,32 +1174,59 @@ impl Scheduler {
             out.handles.push(handle);
             out.token_ids.push(tok);
             if let Some(reason) = r.stop_reason(tok) {
-                out.finished_handles.push(handle);
-                out.finish_reasons.push(reason);
-                out.finished_ids.push(r.cold.id.clone());
-                self.remove(slot, reason, false);
+                self.stop(out, slot, handle, reason);
                 any_finished = true;
             }
         }
-        if any_finished {
-            let slots = &self.slots;
-            self.running.retain(|&s| slots[s].is_some());
+        any_finished
+    }
+
+    /// `commit_rows` for the steady batch's plan (see `SteadyBatch`): one decode per row,
+    /// all sampled, all running; the record's stop fields are read only when the batch's
+    /// copy says the token may stop the request.
+    fn commit_steady_rows(&mut self, p: &Pending, sampled: &[i64], out: &mut StepOutput) -> bool {
+        let bs = self.cfg.block_size;
+        let caching = self.cfg.enable_prefix_caching;
+        let mask = bs - 1;
+        let mut any_finished = false;
+        out.handles.extend_from_slice(&self.steady.handles);
+        out.token_ids.extend_from_slice(sampled);
+        // Taken out for the loop (`stop` needs all of self); put back below.
+        let sb = std::mem::take(&mut self.steady);
+        let rows = p.seqs.iter().zip(sampled).zip(&sb.positions);
+        for (((&(slot, handle, _), &tok), &pos), rule) in rows.zip(&sb.stops) {
+            let r = self.slots[slot]
+                .as_mut()
+                .expect("steady row holds a request");
+            r.num_computed += 1;
+            // Every commit registers the blocks it fills, so only a step that fills one
+            // has anything to register (and only then is the record's second line read).
+            if caching && r.num_computed & mask == 0 {
+                register_full_blocks(r, slot, &self.recent, &mut self.gpu, &mut self.prefix, bs);
+            }
+            self.recent.push(r, slot, tok);
+            r.last_token = tok;
+            // Tokens once `tok` is appended: its position, one past the input's.
+            let num_tokens = pos as usize + 2;
+            debug_assert_eq!(num_tokens, r.num_tokens());
+            if !rule.may_stop(num_tokens, tok) {
+                continue;
+            }
+            if let Some(reason) = r.stop_reason(tok) {
+                self.stop(out, slot, handle, reason);
+                any_finished = true;
+            }
         }
         self.steady = sb;
-        // Every row of a steady batch's plan took its token and runs on: the next step
-        // may start from the batch.
-        let sb = &mut self.steady;
-        sb.committed = !any_finished
-            && sb.plan_id == plan_id
-            && sb.intact
-            && sb.handles.len() == p.seqs.len()
-            && out.handles.len() == p.seqs.len();
-        if sb.committed {
-            sb.tokens.clear();
-            sb.tokens.extend_from_slice(sampled);
-        }
-        self.recycle(p);
-        Ok(out)
+        any_finished
+    }
+
+    /// Ends a request its sampled token stopped: the output's finished entry, then `remove`.
+    fn stop(&mut self, out: &mut StepOutput, slot: usize, handle: u64, reason: &'static str) {
+        out.finished_handles.push(handle);
+        out.finish_reasons.push(reason);
+        out.finished_ids.push(self.req(slot).cold.id.clone());
+        self.remove(slot, reason, false);
     }
 
     // ---------------------------------------------------------------- finish / abort

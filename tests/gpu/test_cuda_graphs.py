@@ -104,23 +104,31 @@ def test_engine_tokens_match_with_graphs_on_and_off(tmp_path) -> None:
             assert abs(a_lp[step][a] - b_lp[step][b]) < tie, f"prompt {i} step {step}"
 
 
+def _outputs(tmp_path, prompts, params, enforce_eager: bool = False) -> tuple[list, int]:
+    """(token ids, logprobs, finish reason) per prompt from a fresh LLM, and how many decode
+    steps it ran ahead; the LLM is closed and its memory released."""
+    llm = _llm(tmp_path, enforce_eager=enforce_eager)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    graphs = llm.engine.runner.graphs
+    used = graphs.steps_ahead_used if graphs is not None else 0
+    rows = [(list(o.token_ids), list(o.logprobs or []), o.finish_reason) for o in outs]
+    llm.close()
+    del llm, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return rows, used
+
+
 def _generate_tokens(tmp_path, prompts, params, run_ahead: bool) -> tuple[list, int]:
     from kvserve import cuda_graphs
 
     saved = cuda_graphs.RUN_AHEAD
     cuda_graphs.RUN_AHEAD = run_ahead
     try:
-        llm = _llm(tmp_path, enforce_eager=False)
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-        used = llm.engine.runner.graphs.steps_ahead_used
-        tokens = [(list(o.token_ids), o.finish_reason) for o in outs]
-        llm.close()
-        del llm
-        gc.collect()
-        torch.cuda.empty_cache()
+        rows, used = _outputs(tmp_path, prompts, params)
     finally:
         cuda_graphs.RUN_AHEAD = saved
-    return tokens, used
+    return [(tokens, reason) for tokens, _, reason in rows], used
 
 
 def test_run_ahead_gives_the_same_tokens(tmp_path) -> None:

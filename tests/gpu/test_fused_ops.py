@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
 from kernel_ref import rel_err
@@ -409,7 +407,7 @@ def test_attention_chain_under_pdl_equals_plain_launches(layout, specs, pad) -> 
 def test_engine_output_same_with_new_switches_off(tmp_path) -> None:
     """Greedy tokens and logprobs of the engine (CUDA graphs) with rope_qkv's cache store and
     the attention PDL on equal those with both off: the same values reach the same kernels."""
-    from test_cuda_graphs import _llm, _prompts
+    from test_cuda_graphs import _outputs, _prompts
     from test_engine_cuda import _tiny_model
 
     from kvserve import SamplingParams
@@ -422,27 +420,17 @@ def test_engine_output_same_with_new_switches_off(tmp_path) -> None:
     try:
         for on in (True, False):
             ref.ROPE_CACHE_WRITE, k.PDL_ATTENTION = on, on
-            llm = _llm(tmp_path, enforce_eager=False)
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-            runs.append([(list(o.token_ids), list(o.logprobs)) for o in outs])
-            llm.close()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
+            runs.append(_outputs(tmp_path, prompts, params)[0])
     finally:
         ref.ROPE_CACHE_WRITE, k.PDL_ATTENTION = saved
-    for (a_tok, a_lp), (b_tok, b_lp) in zip(*runs):
-        assert a_tok == b_tok
-        for a, b_ in zip(a_lp, b_lp):
-            assert a.keys() == b_.keys()
-            assert all(abs(a[t] - b_[t]) < 1e-4 for t in a)
+    _assert_same_outputs(*runs)
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 def test_engine_output_same_with_gemv_switches_off(tmp_path, enforce_eager) -> None:
     """Greedy tokens and logprobs with every GEMV on an even grid equal those with none
     (the values are bit-identical, so the tokens are too)."""
-    from test_cuda_graphs import _llm, _prompts
+    from test_cuda_graphs import _outputs, _prompts
     from test_engine_cuda import _tiny_model
 
     from kvserve import SamplingParams
@@ -458,20 +446,19 @@ def test_engine_output_same_with_gemv_switches_off(tmp_path, enforce_eager) -> N
     try:
         for mask in (31, 0):
             ref.GEMV_EVEN_GRID = mask
-            llm = _llm(tmp_path, enforce_eager=enforce_eager)
-            outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
-            runs.append([(list(o.token_ids), list(o.logprobs)) for o in outs])
-            llm.close()
-            del llm
-            gc.collect()
-            torch.cuda.empty_cache()
+            runs.append(_outputs(tmp_path, prompts, params, enforce_eager)[0])
     finally:
         ref.GEMV_EVEN_GRID = saved
-    for (a_tok, a_lp), (b_tok, b_lp) in zip(*runs):
+    _assert_same_outputs(*runs)
+
+
+def _assert_same_outputs(a: list, b: list) -> None:
+    """Same tokens, same logprob keys, logprobs within 1e-4 (the values reach the same kernels)."""
+    for (a_tok, a_lp, _), (b_tok, b_lp, _) in zip(a, b, strict=True):
         assert a_tok == b_tok
-        for a, b_ in zip(a_lp, b_lp):
-            assert a.keys() == b_.keys()
-            assert all(abs(a[t] - b_[t]) < 1e-4 for t in a)
+        for x, y in zip(a_lp, b_lp):
+            assert x.keys() == y.keys()
+            assert all(abs(x[t] - y[t]) < 1e-4 for t in x)
 
 
 def test_fused_ops_reject_bad_arguments() -> None:
