@@ -7,8 +7,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvserve.sampling import Sampler, SamplingParams
+from kvserve.sampling_params import GREEDY_BELOW
 
 V = 50
 
@@ -145,3 +148,31 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert set(ref.topk(3).indices.tolist()) <= set(entry)
     for t, lp in entry.items():
         assert math.isclose(lp, float(ref[t]), rel_tol=1e-6, abs_tol=1e-6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(temperature=st.floats(min_value=0.0, max_value=1.7976931348623157e308,
+                             allow_subnormal=True) | st.sampled_from(
+                                 [5e-324, 1e-300, 1e-45, 1e-38, 9.99e-6, 1e-5, 1e39, 1e308]),
+       seed=st.integers(0, 2**31), masked=st.booleans(), top_k=st.sampled_from([0, 3]))
+def test_every_temperature_samples_a_token_of_the_distribution(
+        temperature: float, seed: int, masked: bool, top_k: int) -> None:
+    """Across the whole float range (subnormals too) the token is one the distribution
+    softmax(logits / t) gives weight to, in float64; below GREEDY_BELOW it is the argmax."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, V, generator=gen) * 4
+    blocked = [int(logits[0].argmax()), 7] if masked else []  # min_tokens puts -inf in rows
+    p = SamplingParams(temperature=temperature, top_k=top_k, min_tokens=2 if masked else 0)
+    rows = [Row(p, min_tokens_blocked_ids=blocked) for _ in range(3)]
+    tokens = Sampler(gen)(logits, rows).token_ids.tolist()
+    ref = logits.double()
+    if blocked:
+        ref[:, blocked] = float("-inf")
+    for row, token in enumerate(tokens):
+        assert 0 <= token < V
+        assert token not in blocked
+        if temperature < GREEDY_BELOW:
+            assert token == int(ref[row].argmax()), (temperature, token)
+            continue
+        weights = torch.softmax(ref[row] / min(temperature, 1e300), dim=-1)
+        assert weights[token] > 0 or token == int(ref[row].argmax()), (temperature, token)

@@ -7,6 +7,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvserve.engine import LLMEngine, StepListener
@@ -16,6 +17,10 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+# Threads that tokenize and render chat templates. The tokenizer releases the GIL while it
+# works, so two keep the loop free without oversubscribing the cores the step loop needs.
+PROMPT_WORKERS = 2
 
 
 class AsyncEngine:
@@ -29,6 +34,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = False
+        self._prompt_pool: ThreadPoolExecutor | None = None
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -45,6 +51,7 @@ class AsyncEngine:
             return
         self._loop = asyncio.get_running_loop()
         self._stop = False
+        self._prompt_pool = ThreadPoolExecutor(PROMPT_WORKERS, thread_name_prefix="kvserve-prompt")
         self._thread = threading.Thread(target=self._run, name="kvserve-step", daemon=True)
         self._thread.start()
 
@@ -56,25 +63,36 @@ class AsyncEngine:
             self._thread = None
         for request_id in list(self._streams):
             self.abort(request_id)
+        if self._prompt_pool is not None:
+            self._prompt_pool.shutdown(wait=False, cancel_futures=True)
+            self._prompt_pool = None
 
     async def generate(self, prompt: str | None, params: SamplingParams, *,
                        request_id: str | None = None, prompt_token_ids: list[int] | None = None,
                        messages: list[dict[str, Any]] | None = None,
                        cache_salt: str | None = None) -> AsyncIterator[RequestOutput]:
         """Deltas of one request. Bad input or a full queue raises at the first __anext__,
-        before anything is queued; leaving the loop early (cancel, aclose) aborts it."""
-        if self._thread is None:
+        before anything is queued; leaving the loop early (cancel, aclose) aborts it.
+
+        A full queue is refused first, before any work; the prompt is tokenized (and its
+        chat template rendered) on a worker thread, so the event loop keeps serving others.
+        """
+        if self._thread is None or self._prompt_pool is None:
             raise RuntimeError("AsyncEngine.start() has not been awaited")
+        engine = self.engine
+        if not engine.admitting():
+            raise engine.at_capacity_error()
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._streams:
-            raise self.engine.invalid_request_error(
-                f"request_id: {request_id!r} is already in use")
+            raise engine.invalid_request_error(f"request_id: {request_id!r} is already in use")
+        engine.check_params(params)
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._streams[request_id] = queue
         finished = added = False
         try:
-            self.engine.add_request(request_id, prompt, params, prompt_token_ids, messages,
-                                    cache_salt)
+            ids = await asyncio.get_running_loop().run_in_executor(
+                self._prompt_pool, engine.encode_prompt, prompt, prompt_token_ids, messages)
+            engine.add_encoded(request_id, ids, params, cache_salt)
             added = True
             self._wake.set()
             while True:
@@ -86,7 +104,27 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if added and not finished:
-                self.engine.abort(request_id)
+                engine.abort(request_id)
+
+    async def tokenize(self, text: str | None, messages: list[dict[str, Any]] | None,
+                       add_special_tokens: bool | None = None) -> list[int]:
+        """Token ids of a text or a conversation (rendered with the chat template, which
+        writes its own special tokens), computed on a worker thread like generate's."""
+        if self._prompt_pool is None:
+            raise RuntimeError("AsyncEngine.start() has not been awaited")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._prompt_pool, self._tokenize, text, messages, add_special_tokens)
+
+    def _tokenize(self, text: str | None, messages: list[dict[str, Any]] | None,
+                  add_special_tokens: bool | None) -> list[int]:
+        tok = self.tokenizer
+        if messages is not None:
+            return tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+        return tok.encode(text or "", add_special_tokens=add_special_tokens is not False)
+
+    def num_unfinished(self) -> int:
+        """Requests queued or running, without the core lock (cheap enough for a refusal)."""
+        return self.engine.num_unfinished()
 
     def abort(self, request_id: str) -> bool:
         found = self.engine.abort(request_id)

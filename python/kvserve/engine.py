@@ -44,6 +44,7 @@ class LLMEngine:
         cfg = ckpt.config
         self.model_name = cfg.name
         self.tokenizer = ckpt.tokenizer
+        _ = self.tokenizer.bound  # computed once here, not on a first request
         limit = min(cfg.max_position_embeddings, cfg.sliding_window or 1 << 62)
         self.max_model_len = min(args.max_model_len or limit, limit)
         backend = get_backend(args.attention_backend, self.device)
@@ -130,14 +131,76 @@ class LLMEngine:
                     messages: list[dict[str, Any]] | None = None,
                     cache_salt: str | None = None) -> RequestState:
         """Validate and queue; on any error nothing is queued and the engine is unchanged."""
+        self.check_params(params)
+        ids = self.encode_prompt(prompt, prompt_token_ids, messages)
+        return self.add_encoded(request_id, ids, params, cache_salt)
+
+    def check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError("params: expected a SamplingParams")
         params.validate(self.vocab_size)
-        ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+
+    def admitting(self) -> bool:
+        """Whether the waiting queue has room, asked of the core without the engine lock: the
+        binding holds the GIL through every call, so the count is one consistent read; it
+        may be a moment old, which is all a pre-check needs (the core's add_request is the
+        authority)."""
+        return int(self.core.num_waiting) < self.args.max_waiting
+
+    def num_unfinished(self) -> int:
+        """Requests waiting, swapped or running, read like `admitting` (no lock)."""
+        core = self.core
+        return int(core.num_waiting) + int(core.num_swapped) + int(core.num_running)
+
+    def at_capacity_error(self) -> Exception:
+        from kvserve import _core
+
+        return _core.AtCapacityError(
+            f"at capacity: {int(self.core.num_waiting)} requests waiting "
+            f"(max_waiting={self.args.max_waiting}); retry later")
+
+    def encode_prompt(self, prompt: str | None, ids: list[int] | None,
+                      messages: list[dict[str, Any]] | None) -> list[int]:
+        """The prompt's token ids, checked against max_model_len. Takes no lock and touches
+        no request state, so it may run on any thread (the AsyncEngine runs it off the loop)."""
+        given = [x is not None for x in (prompt, ids, messages)]
+        if sum(given) != 1:
+            raise self.invalid_request_error(
+                "prompt: give exactly one of prompt, prompt_token_ids or messages")
+        if messages is not None:
+            text = self.tokenizer.apply_chat_template(messages)
+            # The template writes its own BOS/special tokens.
+            ids = self._encode("messages", text, add_special_tokens=False)
+        elif prompt is not None:
+            if not isinstance(prompt, str):
+                raise self.invalid_request_error("prompt: must be a string")
+            ids = self._encode("prompt", prompt, add_special_tokens=True) if prompt else []
+        else:
+            ids = [int(t) for t in ids]  # type: ignore[union-attr]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise self.invalid_request_error(
+                    f"prompt_token_ids: token id {bad[0]} outside [0, {self.vocab_size})")
+        if not ids:
+            raise self.invalid_request_error("prompt: must not be empty")
         if len(ids) >= self.max_model_len:
             raise self.invalid_request_error(
                 f"prompt: {len(ids)} tokens; must be shorter than max_model_len "
                 f"({self.max_model_len})")
+        return ids
+
+    def _encode(self, field_name: str, text: str, add_special_tokens: bool) -> list[int]:
+        fewest = self.tokenizer.fewest_tokens(text)
+        if fewest >= self.max_model_len:  # refused without tokenizing it
+            raise self.invalid_request_error(
+                f"{field_name}: {len(text.encode('utf-8'))} bytes is at least {fewest} tokens; "
+                f"must be shorter than max_model_len ({self.max_model_len})")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def add_encoded(self, request_id: str | None, ids: list[int], params: SamplingParams,
+                    cache_salt: str | None = None) -> RequestState:
+        """Queue a request whose prompt `encode_prompt` made and whose params
+        `check_params` passed."""
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         stop_ids = list(dict.fromkeys([*(params.stop_token_ids or []), *eos[1:]]))
@@ -160,30 +223,6 @@ class LLMEngine:
             self._requests[handle] = state
             self._handles[request_id] = handle
         return state
-
-    def _prompt_ids(self, prompt: str | None, ids: list[int] | None,
-                    messages: list[dict[str, Any]] | None) -> list[int]:
-        given = [x is not None for x in (prompt, ids, messages)]
-        if sum(given) != 1:
-            raise self.invalid_request_error(
-                "prompt: give exactly one of prompt, prompt_token_ids or messages")
-        if messages is not None:
-            text = self.tokenizer.apply_chat_template(messages)
-            # The template writes its own BOS/special tokens.
-            ids = self.tokenizer.encode(text, add_special_tokens=False)
-        elif prompt is not None:
-            if not isinstance(prompt, str):
-                raise self.invalid_request_error("prompt: must be a string")
-            ids = self.tokenizer.encode(prompt) if prompt else []
-        else:
-            ids = [int(t) for t in ids]  # type: ignore[union-attr]
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise self.invalid_request_error(
-                    f"prompt_token_ids: token id {bad[0]} outside [0, {self.vocab_size})")
-        if not ids:
-            raise self.invalid_request_error("prompt: must not be empty")
-        return ids
 
     def abort(self, request_id: str) -> bool:
         with self._lock:

@@ -73,7 +73,7 @@ class Sampler:
             return result
         idx = torch.tensor(sampled, device=dev)
         sub = logits[idx]
-        temps = torch.tensor([params[i].temperature for i in sampled], device=dev)
+        temps = torch.tensor([params[i].sampling_temperature for i in sampled], device=dev)
         sub = sub / temps.unsqueeze(1)
         sub = _filter(sub, [params[i] for i in sampled])
         probs = torch.softmax(sub, dim=-1)

@@ -5,11 +5,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Below this a temperature is greedy (vLLM's rule): dividing logits by it would overflow
+# float32 (or, for subnormals, divide by zero) and turn the distribution into NaN.
+GREEDY_BELOW = 1e-5
+# Above this every distribution is uniform to float32 precision; larger values would become
+# inf in float32 and make inf / inf = NaN of masked logits.
+HOTTEST = 1e30
+
 
 @dataclass
 class SamplingParams:
     n: int = 1
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 or -1: no limit
     top_p: float = 1.0
     min_p: float = 0.0
@@ -37,7 +44,12 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def sampling_temperature(self) -> float:
+        """The divisor the sampler uses for a non-greedy row, kept inside float32's range."""
+        return min(max(float(self.temperature), GREEDY_BELOW), HOTTEST)
 
     @property
     def needs_penalties(self) -> bool:

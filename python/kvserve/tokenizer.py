@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
+
+from kvserve.token_bound import TokenBound, token_bound
 
 # llama.cpp "tokenizer.ggml.pre" names whose split regex differs from GPT-2's.
 _LLAMA3_SPLIT = (
@@ -42,7 +45,18 @@ class Tokenizer:
         return self.eos_token_ids[0] if self.eos_token_ids else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works (encode holds it throughout), so a
+        # long text stalls neither the event loop nor the step thread.
+        return self.hf.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @cached_property
+    def bound(self) -> TokenBound | None:
+        """How few tokens a text can encode to (token_bound.py); None when unproven."""
+        return token_bound(self.hf)
+
+    def fewest_tokens(self, text: str) -> int:
+        """A lower bound on len(encode(text)), found without tokenizing (0: no bound)."""
+        return self.bound.fewest_tokens(text) if self.bound is not None else 0
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -53,9 +67,19 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError("messages: this model has no chat template")
         _check_messages(messages)
-        template = _jinja_env().from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        from jinja2.exceptions import TemplateError
+
+        template = self._chat_template  # a template that does not compile is the server's fault
+        try:
+            return template.render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except TemplateError as exc:  # raise_exception(...) in the template: the caller's input
+            raise ValueError(f"messages: {exc.message or type(exc).__name__}") from None
+
+    @cached_property
+    def _chat_template(self) -> Any:
+        return _jinja_env().from_string(self.chat_template)
 
     # ---- construction -------------------------------------------------------------------
 
@@ -104,7 +128,7 @@ class Tokenizer:
         except KeyError as exc:
             raise ValueError(f"{source}: GGUF metadata lacks {exc.args[0]!r}") from None
         types = list(meta.get("tokenizer.ggml.token_type") or [])
-        byte_chars = set(_bytes_to_unicode().values())
+        byte_chars = set(bytes_to_unicode().values())
         control = [AddedToken(t, special=True, normalized=False)
                    for t, ty in zip(tokens, types)
                    if ty == _CONTROL and (kind != "gpt2" or set(t) <= byte_chars)]
@@ -128,7 +152,7 @@ class Tokenizer:
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
     """GPT-2 style: tokens spelled in the byte alphabet, merges given by the file."""
-    spell = _bytes_to_unicode()
+    spell = bytes_to_unicode()
     byte_chars = set(spell.values())
     vocab = {(t if set(t) <= byte_chars else "".join(spell[b] for b in t.encode())): i
              for i, t in enumerate(tokens)}
@@ -222,7 +246,7 @@ def _ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
         + list(range(ord("®"), ord("ÿ") + 1))

@@ -72,12 +72,8 @@ class KvServeServicer:
     async def _at_capacity(
         self, context: grpc.aio.ServicerContext, exc: Exception, reason: str
     ) -> NoReturn:
-        try:
-            load = await self._load()
-            ahead = int(load.get("waiting", 0)) + int(load.get("running", 0))
-        except Exception:  # the refusal matters more than the estimate
-            log.debug("engine.load() failed; estimating retry-after from streams", exc_info=True)
-            ahead = len(self.state.live)
+        # from counters read without the core lock: a refusal under a burst must stay cheap
+        ahead = self.engine.num_unfinished()
         context.set_trailing_metadata((("retry-after", str(self.retry.seconds(ahead))),))
         message = str(exc) if str(exc).startswith("at capacity") else f"at capacity: {exc}"
         await self._reject(context, grpc.StatusCode.RESOURCE_EXHAUSTED, message, reason)
@@ -173,22 +169,16 @@ class KvServeServicer:
             add_special = (
                 request.add_special_tokens if request.HasField("add_special_tokens") else None
             )
-            ids = await asyncio.to_thread(self._tokenize, text, messages, add_special)
+            ids = await self.engine.tokenize(text, messages, add_special)
         except ValueError as exc:
             await self._reject(context, INVALID, str(exc), "invalid_argument")
         return pb.TokenizeResponse(token_ids=ids)
 
-    def _tokenize(
-        self, text: str | None, messages: list[dict[str, str]] | None, add_special: bool | None
-    ) -> list[int]:
-        tok = self.engine.tokenizer
-        if messages is not None:
-            # the rendered template carries its own special tokens (BOS), as in generation
-            return list(tok.encode(tok.apply_chat_template(messages), add_special_tokens=False))
-        add = True if add_special is None else add_special
-        return list(tok.encode(text, add_special_tokens=add))
-
     async def ModelInfo(self, request: Any, context: Any) -> pb.ModelInfoResponse:
+        if isinstance(request, BadRequest):  # bytes that are no message; unknown fields are fine
+            await self._reject(
+                context, grpc.StatusCode.INVALID_ARGUMENT, request.message, "invalid_argument"
+            )
         info = self.engine.model_info
         vocab = info.get("vocab_size") or self.engine.tokenizer.vocab_size
         return pb.ModelInfoResponse(
@@ -202,6 +192,10 @@ class KvServeServicer:
         )
 
     async def GetLoad(self, request: Any, context: Any) -> pb.GetLoadResponse:
+        if isinstance(request, BadRequest):
+            await self._reject(
+                context, grpc.StatusCode.INVALID_ARGUMENT, request.message, "invalid_argument"
+            )
         resp = convert.to_load(await self._load(), in_flight=len(self.state.live))
         resp.admitting = resp.admitting and not self.state.draining
         return resp
