@@ -28,7 +28,9 @@ class RequestState:
     def append(self, token: int, logprobs: Logprobs | None) -> tuple[RequestOutput, bool]:
         """Take one committed token; return its delta and whether a stop string matched."""
         self.output_token_ids.append(token)
-        text, stopped = self.stop.feed(self.detokenizer.add([token]))
+        # Stop strings, like EOS and stop ids, end a request only after min_tokens tokens.
+        armed = len(self.output_token_ids) > self.params.min_tokens
+        text, stopped = self.stop.feed(self.detokenizer.add([token]), armed)
         self.hit_stop_string = self.hit_stop_string or stopped
         delta = RequestOutput(self.request_id, text, [token],
                               [logprobs] if logprobs is not None else None)

@@ -10,17 +10,22 @@ class StopStringMatcher:
         self.text = ""  # all decoded output text so far
         self.emitted = 0  # how much of it has been released
 
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """Add new text; return (text safe to emit now, whether a stop string matched)."""
+    def feed(self, delta: str, armed: bool = True) -> tuple[str, bool]:
+        """Add new text; return (text safe to emit now, whether a stop string matched).
+
+        While not `armed` (min_tokens not yet reached) a match is ordinary text, but a
+        trailing prefix of a stop string is still held back: it may complete once armed.
+        """
         if not self.stops:
             self.text += delta
             self.emitted = len(self.text)
             return delta, False
-        start = max(0, len(self.text) - self.longest + 1)  # a match must touch the new text
+        before = len(self.text)
         self.text += delta
-        hit = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0),
-                  default=-1)
-        if hit >= 0:
+        # a match must end in the new text (an older one was seen, or ignored, before)
+        found = (self.text.find(s, max(0, before - len(s) + 1)) for s in self.stops)
+        hit = min((i for i in found if i >= 0), default=-1)
+        if hit >= 0 and armed:
             out = self.text[self.emitted:hit] if hit > self.emitted else ""
             self.text = self.text[:hit]
             self.emitted = len(self.text)

@@ -16,7 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from kvserve.server.auth import BearerAuthInterceptor
 from kvserve.server.config import ServerConfig
-from kvserve.server.metrics import MetricsHTTPServer, ServerMetrics, ridge_point
+from kvserve.server.metrics import ServerMetrics, ridge_point
+from kvserve.server.metrics_http import MetricsHTTPServer
 from kvserve.server.proto.service import SERVICE_NAME, add_kvserve_servicer
 from kvserve.server.retry import RetryAfterEstimator
 from kvserve.server.servicer import KvServeServicer, ServerState

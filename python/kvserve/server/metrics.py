@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import MetricsHandler
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -268,30 +265,3 @@ class RequestTimer:
     def done(self, reason: str) -> None:
         self._m.e2e.observe(time.monotonic() - self.arrival)
         self._m.finished.labels(reason if reason in FINISH_REASONS else "abort").inc()
-
-
-class _HTTPServer6(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
-
-
-class MetricsHTTPServer:
-    """The /metrics endpoint on its own thread (prometheus text format)."""
-
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        server_cls = _HTTPServer6 if ":" in host else ThreadingHTTPServer
-        self._httpd = server_cls((host.strip("[]"), port), MetricsHandler.factory(registry))
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, name="kvserve-metrics", daemon=True
-        )
-
-    @property
-    def port(self) -> int:
-        return int(self._httpd.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
