@@ -85,3 +85,37 @@ def test_chat_applies_template(llm: LLM) -> None:
     out = llm.chat(msgs, SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
     want = llm.tokenizer.encode("<s>user: hello</s><s>assistant: ", add_special_tokens=False)
     assert out.prompt_token_ids == want
+
+
+def _token_deltas(llm: LLM, prompt: str, params: SamplingParams) -> list[str]:
+    """The text each generated token added (one delta per token), through the step loop."""
+    engine = llm.engine
+    engine.add_request("deltas", prompt, params)
+    pieces: list[str] = []
+    while engine.has_unfinished():
+        pieces += [d.text for d in engine.step()]
+    return pieces
+
+
+def test_stop_strings_wait_for_min_tokens(llm: LLM) -> None:
+    """Like EOS and stop ids, a stop string ends a request only from token min_tokens + 1
+    on; one that completes earlier is ordinary text (vLLM's behaviour)."""
+    from test_tokenizer_stream import stop_reference
+
+    ignored_early = 0
+    for prompt in PROMPTS:
+        for min_tokens in (3, 6):
+            params = dict(temperature=0.0, max_tokens=16, ignore_eos=True, min_tokens=min_tokens)
+            pieces = _token_deltas(llm, prompt, SamplingParams(**params))
+            early = "".join(pieces[:min_tokens])
+            stop = early.strip()[-2:]
+            if not stop:
+                continue
+            want, hit = stop_reference([stop], pieces, min_tokens)
+            ignored_early += early.find(stop) >= 0
+            out = llm.generate([prompt], SamplingParams(**params, stop=[stop]))[0]
+            assert out.text == want, (prompt, min_tokens, stop, pieces)
+            assert out.finish_reason == ("stop" if hit else "length")
+            assert len(out.token_ids) >= min_tokens + (1 if hit else 0)
+    assert ignored_early >= 3  # the stop string did occur inside the first min_tokens
+    assert llm.engine.core.num_used_gpu_blocks == 0

@@ -89,7 +89,7 @@ class PacedStreams:
         except BaseException as exc:  # noqa: BLE001 -- reported by the test
             self.errors.append(exc)
 
-    def __enter__(self) -> PacedStreams:
+    def __enter__(self) -> PacedStreams:  # noqa: PYI034 (typing.Self needs 3.11)
         for t in self.threads:
             t.start()
         while len(self.gaps) < 40:

@@ -88,3 +88,40 @@ def test_chat_template_renders(tokenizer: Tokenizer) -> None:
     assert text == "<s>user: hi</s><s>assistant: "
     with pytest.raises(ValueError, match="messages"):
         tokenizer.apply_chat_template([{"content": "no role"}])
+
+
+def stop_reference(stops: list[str], pieces: list[str], armed_from: int) -> tuple[str, bool]:
+    """Piece j may end the text only if j >= armed_from; it ends at the earliest-starting
+    occurrence of a stop string that ends inside piece j."""
+    text = "".join(pieces)
+    after = 0
+    for j, piece in enumerate(pieces):
+        before, after = after, after + len(piece)
+        if j < armed_from:
+            continue
+        starts = [i for s in stops for i in range(len(text)) if text.startswith(s, i)
+                  and before < i + len(s) <= after]
+        if starts:
+            return text[: min(starts)], True
+    return text, False
+
+
+def test_stop_strings_are_ignored_until_armed() -> None:
+    rng = random.Random(5)
+    alphabet = "ab c."
+    for _ in range(500):
+        pieces = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+                  for _ in range(rng.randint(1, 10))]
+        stops = ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 4)))
+                 for _ in range(rng.randint(1, 3))]
+        armed_from = rng.randint(0, len(pieces))
+        m = StopStringMatcher(stops)
+        out, hit = [], False
+        for j, p in enumerate(pieces):
+            text, hit = m.feed(p, armed=j >= armed_from)
+            out.append(text)
+            if hit:
+                break
+        got = "".join(out) + ("" if hit else m.flush())
+        assert (got, hit) == stop_reference(stops, pieces, armed_from), (pieces, stops,
+                                                                         armed_from)

@@ -45,7 +45,7 @@ class _CompleteRequestHandler(MetricsHandler):
         self.rfile = io.BytesIO(head)
         self.wfile = self.connection.makefile("wb")
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 -- the base's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("metrics: " + format, *args)
 
 
