@@ -165,3 +165,36 @@ def test_single_request_latency_is_the_modelled_step_times() -> None:
     assert s.ttft.percentile(50) == pytest.approx(prefill, rel=0.01)
     assert s.e2e.percentile(50) == pytest.approx(prefill + sum(decode), rel=0.01)
     assert s.itl.total == spec.max_tokens - 1
+
+
+def test_sim_and_plan_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               tiny_llama_dir: Path) -> None:
+    from kvserve.cli import main
+
+    prof = tmp_path / "gpu.json"
+    gpu_like_profile().save(prof)
+    out = tmp_path / "out"
+    assert main(["sim", "--profile", str(prof), "--workload", "multiturn", "--rate", "8",
+                 "--replicas", "2", "--duration", "3", "--out", str(out), "--no-progress",
+                 "--router", "round-robin"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["summary"]["completed"] > 10 and doc["meta"]["replicas"] == 2
+    assert (out / "load_over_time.png").stat().st_size > 0
+    assert "2x round-robin" in capsys.readouterr().out
+
+    assert main(["plan", "--profile", str(prof), "--workload", "synthetic", "--rate", "4",
+                 "--duration", "2", "--slo", "ttft_p99=2s,itl_p99=80ms", "--max-replicas", "4",
+                 "--no-refusal-search"]) == 0
+    assert "smallest fleet meeting ttft_p99=2000ms,itl_p99=80ms at 4 req/s: 1 replicas" \
+        in capsys.readouterr().out
+
+    trace = tmp_path / "bad.jsonl"
+    trace.write_text('{"timestamp": 0, "prompt_tokens": 0, "output_tokens": 3}\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:1: prompt_tokens"):
+        main(["sim", "--profile", str(prof), "--trace", str(trace), "--out", str(out),
+              "--no-progress", "--no-plots"])
+    with pytest.raises(SystemExit, match="for another model shape"):
+        main(["sim", "--profile", str(prof), "--model", str(tiny_llama_dir), "--out", str(out),
+              "--duration", "1", "--no-progress", "--no-plots"])
+    with pytest.raises(SystemExit, match="slo: 'ttft' is not one of"):
+        main(["plan", "--profile", str(prof), "--rate", "1", "--slo", "ttft=2s"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from kvserve.outputs import StepStats
 from kvserve.sim.fit import FitResult, StepSample, fit_step_time
-from kvserve.sim.profile import MemoryModel, Profile
+from kvserve.sim.profile import SHAPE_FIELDS, MemoryModel, Profile
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ class GridRunner:
         return self.samples
 
 
+def model_shape(cfg: object) -> dict[str, int]:
+    """The fields of a ModelConfig a profile must match."""
+    return {k: int(getattr(cfg, k)) for k in SHAPE_FIELDS}
+
+
 def _device_name(device_type: str) -> str:
     if device_type == "cuda":
         import torch
@@ -175,10 +180,7 @@ def calibrate(engine: object, grid: Grid, seed: int = 0, progress: bool = True
         pool = e.runner.num_blocks * e.runner.block_bytes  # type: ignore[attr-defined]
         util = e.args.gpu_memory_utilization  # type: ignore[attr-defined]
         memory = MemoryModel(total, int(total * util) - int(pool))
-    shape = {"num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-             "intermediate_size": cfg.intermediate_size, "num_heads": cfg.num_heads,
-             "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
-             "vocab_size": cfg.vocab_size}
+    shape = model_shape(cfg)
     profile = Profile(
         device_type=device_type, device_name=_device_name(device_type),
         model_name=e.model_name, model_shape=shape,  # type: ignore[attr-defined]

@@ -65,6 +65,14 @@ def build(args: argparse.Namespace, rate: float, replicas: int,
     profile = args.loaded_profile if hasattr(args, "loaded_profile") else Profile.load(
         args.profile)
     args.loaded_profile = profile
+    if args.device:
+        profile.check_matches(device_type=args.device.split(":")[0], source=args.profile)
+    if args.model:
+        from kvserve.model import load_checkpoint
+        from kvserve.sim.calibrate import model_shape
+
+        profile.check_matches(model_shape(load_checkpoint(args.model).config),
+                              source=args.profile)
     eargs = EngineArgs.from_cli_args(args)
     config = ReplicaConfig.from_engine_args(eargs, profile)
     if overrides:
@@ -87,6 +95,13 @@ def build(args: argparse.Namespace, rate: float, replicas: int,
 
 
 def run_sim(args: argparse.Namespace) -> int:
+    try:
+        return _run_sim(args)
+    except ValueError as exc:  # bad profile, trace, workload or settings: named in the text
+        raise SystemExit(f"error: {exc}") from None
+
+
+def _run_sim(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvserve.sim import report
