@@ -205,8 +205,10 @@ def format_fit(profile: Profile) -> str:
         f"{st.compute_flops_per_s / 1e12:.3f} TFLOP/s (ridge "
         f"{profile.ridge_flops_per_byte():.1f} FLOP/B), per step "
         f"{st.step_overhead_s * 1e3:.3f} ms, per sequence {st.seq_overhead_s * 1e6:.1f} us"),
-        f"{'class':>8} {'steps':>6} {'mean |err| %':>13} {'max |err| %':>12}",
+        (f"{'class':>8} {'steps':>6} {'median |err| %':>15} {'mean |err| %':>13} "
+        f"{'max |err| %':>12}"),
     ]
     for name, e in profile.fit_error.items():
-        lines.append(f"{name:>8} {int(e['n']):>6} {e['mape']:>13.1f} {e['max_abs_pct']:>12.1f}")
+        lines.append(f"{name:>8} {int(e['n']):>6} {e.get('median_abs_pct', float('nan')):>15.1f} "
+                     f"{e['mape']:>13.1f} {e['max_abs_pct']:>12.1f}")
     return "\n".join(lines)

@@ -49,7 +49,7 @@ class StepTimeModel:
 @dataclass(frozen=True)
 class FitResult:
     model: StepTimeModel
-    # shape class -> {"n", "mape", "max_abs_pct"} (percent errors of the fitted times)
+    # shape class -> {"n", "mape", "median_abs_pct", "max_abs_pct"} (percent errors)
     error_by_class: dict[str, dict[str, float]]
 
 
@@ -114,8 +114,12 @@ def _overheads(residual: np.ndarray, seqs: np.ndarray, w: np.ndarray) -> tuple[f
     return best
 
 
-def fit_step_time(samples: list[StepSample]) -> FitResult:
-    """The roofline model that minimises the relative error over `samples`."""
+def fit_step_time(samples: list[StepSample], robust: bool = True) -> FitResult:
+    """The roofline model that minimises the relative error over `samples`.
+
+    robust: after the least-squares fit, reweight (IRLS) towards least absolute relative
+    error, so steps slowed by other processes on the machine pull the fit less.
+    """
     if len(samples) < 4:
         raise ValueError(f"samples: need at least 4 measured steps to fit, got {len(samples)}")
     t = np.array([s.duration_s for s in samples])
@@ -124,9 +128,8 @@ def fit_step_time(samples: list[StepSample]) -> FitResult:
     by = np.array([s.bytes_moved for s in samples])
     fl = np.array([s.flops for s in samples])
     seqs = np.array([s.num_seqs for s in samples], dtype=np.float64)
-    w = 1.0 / t  # relative error
 
-    def solve(x: np.ndarray) -> tuple[StepTimeModel, float]:
+    def solve(x: np.ndarray, w: np.ndarray) -> tuple[StepTimeModel, float]:
         bw, rate = float(np.exp(x[0])), float(np.exp(x[1]))
         roof = np.maximum(by / bw, fl / rate)
         c0, c1 = _overheads(t - roof, seqs, w)
@@ -134,19 +137,27 @@ def fit_step_time(samples: list[StepSample]) -> FitResult:
         r = (np.asarray(m.predict(by, fl, seqs)) - t) * w
         return m, float(r @ r)
 
+    def polish(starts: list[np.ndarray], w: np.ndarray) -> np.ndarray:
+        best_x, best_loss = starts[0], solve(starts[0], w)[1]
+        for start in starts:
+            x = nelder_mead(lambda v: solve(v, w)[1], start, step=0.3)
+            loss = solve(x, w)[1]
+            if loss < best_loss:
+                best_x, best_loss = x, loss
+        return best_x
+
+    w = 1.0 / t  # relative error
     # Rates that would explain the whole time by bytes alone and by flops alone bound the
     # search from below; a coarse grid above them finds the basin, Nelder-Mead polishes it.
     x0 = np.log([float(np.median(by / t)), float(np.median(fl / t))])
     grid = [x0 + np.array([i, j]) for i in np.linspace(-1.0, 6.0, 22)
             for j in np.linspace(-1.0, 6.0, 22)]
-    starts = sorted(grid, key=lambda v: solve(v)[1])[:3]
-    best_x, best_loss = starts[0], solve(starts[0])[1]
-    for start in starts:
-        x = nelder_mead(lambda v: solve(v)[1], start, step=0.3)
-        loss = solve(x)[1]
-        if loss < best_loss:
-            best_x, best_loss = x, loss
-    model = solve(best_x)[0]
+    best_x = polish(sorted(grid, key=lambda v: solve(v, w)[1])[:3], w)
+    for _ in range(6 if robust else 0):
+        rel = np.abs(np.asarray(solve(best_x, w)[0].predict(by, fl, seqs)) - t) / t
+        w = 1.0 / (t * np.sqrt(np.maximum(rel, 0.01)))
+        best_x = polish([best_x], w)
+    model = solve(best_x, w)[0]
     pred = np.asarray(model.predict(by, fl, seqs))
     errors: dict[str, dict[str, float]] = {}
     classes = np.array([s.shape_class for s in samples])
@@ -154,5 +165,6 @@ def fit_step_time(samples: list[StepSample]) -> FitResult:
         sel = classes == name
         pct = np.abs(pred[sel] - t[sel]) / t[sel] * 100.0
         errors[name] = {"n": int(sel.sum()), "mape": float(pct.mean()),
+                        "median_abs_pct": float(np.median(pct)),
                         "max_abs_pct": float(pct.max())}
     return FitResult(model, errors)
