@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,24 @@ def test_fit_rejects_too_few_or_bad_samples() -> None:
         fit_step_time([s] * 3)
     with pytest.raises(ValueError, match="duration_s"):
         fit_step_time([s] * 4 + [StepSample("decode", 1, 1, 1e9, 1e9, 0.0)])
+
+
+def test_refit_a_profile_from_its_samples(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from kvserve.sim.calibrate import refit
+    from kvserve.sim.profile import ProfileError
+    from test_sim_units import gpu_like_profile
+
+    truth = StepTimeModel(4.2e12, 7.1e14, 4.0e-4, 6.0e-6)
+    samples = [{"class": s.shape_class, "seqs": s.num_seqs, "tokens": s.num_tokens,
+                "bytes": s.bytes_moved, "flops": s.flops, "seconds": s.duration_s}
+               for s in _synthetic(truth, 0, noise=0.0)]
+    path = tmp_path / "p.json"
+    replace(gpu_like_profile(), samples=samples).save(path)
+    got = refit(str(path))
+    assert got.step_time.bandwidth_bytes_per_s == pytest.approx(4.2e12, rel=1e-3)
+    assert "refit" in got.calibrated and got.fit_error["decode"]["n"] == 40
+    replace(gpu_like_profile(), samples=[{"class": "decode"}] * 5).save(path)
+    with pytest.raises(ProfileError, match="field samples"):
+        refit(str(path))

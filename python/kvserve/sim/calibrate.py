@@ -196,6 +196,25 @@ def calibrate(engine: object, grid: Grid, seed: int = 0, progress: bool = True
     return profile, fit
 
 
+def refit(path: str) -> Profile:
+    """The profile at `path` with its step-time model fitted again to its own samples."""
+    from dataclasses import replace
+
+    from kvserve.sim.profile import ProfileError
+
+    profile = Profile.load(path)
+    try:
+        samples = [StepSample(s["class"], int(s["seqs"]), int(s["tokens"]), float(s["bytes"]),
+                              float(s["flops"]), float(s["seconds"])) for s in profile.samples]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProfileError(f"{path}: field samples: malformed step ({exc})") from None
+    fit = fit_step_time(samples)
+    calibrated = {**profile.calibrated, "refit": time.strftime("%Y-%m-%d %H:%M:%S UTC",
+                                                               time.gmtime())}
+    return replace(profile, step_time=fit.model, fit_error=fit.error_by_class,
+                   calibrated=calibrated)
+
+
 def format_fit(profile: Profile) -> str:
     st = profile.step_time
     lines = [

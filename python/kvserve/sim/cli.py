@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--decode-steps", type=int, default=6, help="timed steps per decode batch")
     p.add_argument("--repeats", type=int, default=2, help="passes over the whole grid")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--refit", metavar="PROFILE",
+                   help="fit again the steps measured in PROFILE (no engine run) and write --out")
     from kvserve.engine_args import EngineArgs
 
     EngineArgs.add_cli_args(p)
@@ -42,9 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_calibrate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from kvserve.sim.calibrate import format_fit, refit
+
+    if args.refit:
+        try:
+            profile = refit(args.refit)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        profile.save(args.out)
+        print(format_fit(profile))
+        return 0
     from kvserve.engine import LLMEngine
     from kvserve.engine_args import EngineArgs
-    from kvserve.sim.calibrate import Grid, calibrate, format_fit
+    from kvserve.sim.calibrate import Grid, calibrate
 
     engine = LLMEngine(EngineArgs.from_cli_args(args))
     grid = Grid.for_device(engine.device.type, engine.max_model_len, args.max_num_seqs,
