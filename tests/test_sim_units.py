@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kvserve.bench.workloads import Workload
+from kvserve.bench.workloads import RequestSpec, Workload
 from kvserve.sim.fit import StepTimeModel
 from kvserve.sim.profile import MemoryModel, Profile, ProfileError
 from kvserve.sim.replica import ReplicaConfig
@@ -198,3 +199,25 @@ def test_sim_and_plan_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str
               "--duration", "1", "--no-progress", "--no-plots"])
     with pytest.raises(SystemExit, match="slo: 'ttft' is not one of"):
         main(["plan", "--profile", str(prof), "--rate", "1", "--slo", "ttft=2s"])
+
+
+def test_ctrl_c_returns_the_partial_result() -> None:
+    p = gpu_like_profile()
+    w = Workload("synthetic", 32000, 4096, seed=2)
+    inner = WorkloadSource(w, rate=20.0, duration_s=60.0, seed=2)
+
+    class Interrupting:
+        def arrivals(self) -> Iterator[tuple[float, RequestSpec]]:
+            for n, item in enumerate(inner.arrivals()):
+                if n == 50:
+                    raise KeyboardInterrupt
+                yield item
+
+        def follow_up(self, spec: RequestSpec, output_tokens: int) -> None:
+            return None
+
+    result = _fleet(p, 2).run(Interrupting())
+    s = result.summary()
+    assert result.interrupted and s["interrupted"]
+    assert 0 < s["completed"] <= s["requests_sent"] <= 50
+    assert s["simulated_s"] < 60.0
