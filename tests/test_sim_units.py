@@ -221,3 +221,23 @@ def test_ctrl_c_returns_the_partial_result() -> None:
     assert result.interrupted and s["interrupted"]
     assert 0 < s["completed"] <= s["requests_sent"] <= 50
     assert s["simulated_s"] < 60.0
+
+
+def test_first_token_of_a_fully_cached_prompt_counts_as_ttft() -> None:
+    # The second request's prompt is all cached but its last token, so the core plans it
+    # as a one-token (decode) row; its first token is still a first token, not a gap.
+    prompt = list(range(100, 133))
+
+    class Twice:
+        def arrivals(self) -> Iterator[tuple[float, RequestSpec]]:
+            yield 0.0, RequestSpec("a", prompt, 4)
+            yield 1.0, RequestSpec("b", prompt, 4)
+
+        def follow_up(self, spec: RequestSpec, output_tokens: int) -> None:
+            return None
+
+    sim = _fleet(gpu_like_profile(), 1)
+    s = sim.run(Twice()).summary()
+    assert s["completed"] == 2 and s["prefix_hit_rate"] > 0.4
+    assert sim.stats.ttft.total == 2 and sim.stats.itl.total == 6
+    assert sim.stats.itl.percentile(100) < 0.1  # no gap spans the idle second

@@ -219,7 +219,6 @@ class SimReplica:
         n = plan.num_samples
         out = self.core.commit(plan.id, self.tokens[:n])
         fin = out.finished_handles
-        nd = plan.num_decodes
         if self._steady:
             slots, t = self._pending  # type: ignore[misc]
             stats.itl.add(now - t, n)
@@ -228,19 +227,18 @@ class SimReplica:
             self._flush_pending()
             slots = _and(plan.sample_handles, self._mask)
             gaps = now - self.last[slots]
-            if nd == n:
-                stats.itl.add_many(gaps)
+            # A row without a last-token time is a first token. Usually a completed
+            # prefill (after the decodes), but a prompt found cached up to its last token
+            # is planned as a one-token decode row.
+            first = np.isnan(gaps)
+            if first.any():
+                stats.ttft.add_many(now - self.arrival[slots[first]])
+                stats.itl.add_many(gaps[~first])
             else:
-                stats.itl.add_many(gaps[:nd])
-                tail = gaps[nd:]
-                first = np.isnan(tail)
-                if first.any():
-                    stats.ttft.add_many(now - self.arrival[slots[nd:][first]])
-                if not first.all():  # re-prefill after a recompute preemption: a late token
-                    stats.itl.add_many(tail[~first])
+                stats.itl.add_many(gaps)
             self._pending = (slots, now)
         stats.output_tokens += n
-        self._steady = nd == n == plan.num_seqs and n > 0
+        self._steady = plan.num_decodes == n == plan.num_seqs and n > 0
         if not len(fin):
             return []
         self._flush_pending()
