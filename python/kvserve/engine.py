@@ -21,6 +21,7 @@ from kvserve.request_state import RequestState
 from kvserve.runner import ModelRunner
 from kvserve.sampling import Sampler
 from kvserve.sampling_params import SamplingParams
+from kvserve.step_cost import ModelCost, attention_pairs
 from kvserve.stop_strings import StopStringMatcher
 
 log = logging.getLogger(__name__)
@@ -66,9 +67,13 @@ class LLMEngine:
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
         # Weight bytes a step reads: all but the embedding table, plus one row per token.
-        self.weight_bytes = self.runner.model.weight_bytes_read(0)
-        self.embed_row_bytes = self.runner.model.weight_bytes_read(1) - self.weight_bytes
-        self.attn_flops_per_ctx_token = 4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+        weight_bytes = self.runner.model.weight_bytes_read(0)
+        self.cost = ModelCost(
+            weight_bytes=float(weight_bytes),
+            embed_row_bytes=float(self.runner.model.weight_bytes_read(1) - weight_bytes),
+            kv_bytes_per_token=float(self.runner.kv_bytes_per_token),
+            flops_per_token=cfg.flops_per_token,
+            attn_flops_per_pair=4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim)
         self._lock = threading.Lock()  # the core is not thread-safe; never held in forward
         self._requests: dict[int, RequestState] = {}
         self._handles: dict[str, int] = {}
@@ -271,18 +276,13 @@ class LLMEngine:
         if not self._listeners or plan.num_seqs == 0:
             return
         nd, nt = int(plan.num_decodes), int(plan.num_tokens)
-        q_lens = np.diff(plan.query_start_loc).astype(np.float64)
-        ctx = plan.seq_lens.astype(np.float64)
-        # Attention: each new token attends to (on average) half its own chunk plus the prefix.
-        attn_pairs = float(np.sum(q_lens * (ctx - q_lens) + q_lens * (q_lens + 1) / 2))
-        kv = self.runner.kv_bytes_per_token
+        q_lens = np.diff(plan.query_start_loc)
+        context = float(plan.seq_lens.sum())
         stats = StepStats(
             num_seqs=int(plan.num_seqs), num_tokens=nt, num_prefill_tokens=nt - nd,
             num_decodes=nd, duration_s=duration,
-            flops_estimate=self.runner.config.flops_per_token * nt
-            + self.attn_flops_per_ctx_token * attn_pairs,
-            bytes_estimate=float(self.weight_bytes + self.embed_row_bytes * nt
-                                 + kv * float(ctx.sum()) + kv * nt))
+            flops_estimate=self.cost.flops(nt, attention_pairs(q_lens, plan.seq_lens)),
+            bytes_estimate=self.cost.bytes_moved(nt, context))
         for fn in self._listeners:
             try:
                 fn(stats)

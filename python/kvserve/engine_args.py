@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 from dataclasses import dataclass, fields
 
@@ -11,6 +12,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "tib": 2**40}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("auto", "recompute", "swap")
+log = logging.getLogger(__name__)
 
 
 def parse_size(value: str | float, field_name: str) -> int:
@@ -26,6 +28,10 @@ def parse_size(value: str | float, field_name: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def _budget(text: str) -> int | str:
+    return "auto" if text == "auto" else int(text)
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None  # HF directory or .gguf file; None: the embedded SmolLM2
@@ -33,7 +39,7 @@ class EngineArgs:
     device: str | None = None  # None: cuda when available, else cpu
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | str = 2048  # "auto": from --profile and --itl-target
     max_model_len: int | None = None  # None: the model's own limit
     max_waiting: int = 4096
     kv_cache_memory: str | int = "512MiB"  # CPU only: KV pool size
@@ -44,6 +50,8 @@ class EngineArgs:
     attention_backend: str | None = None  # None: cuda on CUDA devices, else torch
     enforce_eager: bool = False  # CUDA: no decode graphs, every step launched eagerly
     seed: int = 0  # for requests without their own seed
+    profile: str | None = None  # a `kvserve calibrate` profile (for the auto token budget)
+    itl_target: float = 0.05  # seconds; what the auto token budget keeps a mixed step under
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -51,6 +59,8 @@ class EngineArgs:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode: {self.preemption_mode!r} is not one of "
                              f"{', '.join(PREEMPTION_MODES)}")
+        if self.max_num_batched_tokens == "auto":
+            self.max_num_batched_tokens = self._auto_token_budget()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -62,6 +72,21 @@ class EngineArgs:
                              f"{self.gpu_memory_utilization!r}")
         self.kv_cache_bytes = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self.swap_bytes = parse_size(self.swap_space, "swap_space")
+
+    def _auto_token_budget(self) -> int:
+        if self.profile is None:
+            raise ValueError("max_num_batched_tokens: 'auto' needs a profile (--profile, "
+                             "from `kvserve calibrate`)")
+        from kvserve.sim.budget import auto_token_budget
+        from kvserve.sim.profile import Profile
+
+        prof = Profile.load(self.profile)
+        context = min(1024, self.max_model_len or prof.max_model_len)
+        choice = auto_token_budget(prof, self.itl_target, self.max_num_seqs, context,
+                                   self.block_size)
+        log.info("max_num_batched_tokens auto = %d: %s", choice.max_num_batched_tokens,
+                 choice.reason)
+        return choice.max_num_batched_tokens
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -81,13 +106,17 @@ class EngineArgs:
         for name, kind, text in (
             ("block-size", int, "tokens per KV block"),
             ("max-num-seqs", int, "most sequences in one step"),
-            ("max-num-batched-tokens", int, "most new tokens in one step"),
             ("max-model-len", int, "longest prompt + output (default: the model's)"),
             ("max-waiting", int, "waiting-queue size before requests are refused"),
             ("gpu-memory-utilization", float, "fraction of GPU memory to use"),
             ("seed", int, "seed for requests without one"),
         ):
             add(f"--{name}", type=kind, default=d[name.replace("-", "_")].default, help=text)
+        add("--max-num-batched-tokens", type=_budget, default=d["max_num_batched_tokens"].default,
+            help="most new tokens in one step, or 'auto' (needs --profile; see --itl-target)")
+        add("--profile", default=None, help="`kvserve calibrate` profile JSON")
+        add("--itl-target", type=float, default=d["itl_target"].default,
+            help="seconds a mixed step may take, for --max-num-batched-tokens auto")
         add("--kv-cache-memory", default="512MiB", help="CPU KV-cache size, e.g. 512MiB, 2GB")
         add("--swap-space", default="1GiB", help="host swap pool size, e.g. 4GiB")
         add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",

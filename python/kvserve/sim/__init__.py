@@ -1,0 +1,1 @@
+"""Capacity planning: calibrate a step-time model, simulate fleets on the real core, plan."""

@@ -1,0 +1,256 @@
+"""One simulated replica: a real kvserve._core.Core whose steps take the profile's modelled
+time and whose sampled tokens are synthetic."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvserve.bench.workloads import RequestSpec
+from kvserve.sim.profile import Profile
+from kvserve.sim.sources import SYNTHETIC_TOKEN
+from kvserve.sim.stats import LogHistogram
+from kvserve.step_cost import attention_pairs
+
+_sum, _and = np.add.reduce, np.bitwise_and  # without ndarray.sum's Python wrapper
+SWAP_BYTES_PER_S = 25e9  # the core's default for the swap/recompute choice, used here too
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """The core settings the real engine would use on the profiled device."""
+
+    num_gpu_blocks: int
+    num_host_blocks: int
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+    max_waiting: int = 4096
+    enable_prefix_caching: bool = True
+    preemption_mode: str = "auto"
+
+    @classmethod
+    def from_engine_args(cls, args: Any, profile: Profile) -> ReplicaConfig:
+        block_bytes = int(profile.cost.kv_bytes_per_token) * args.block_size
+        return cls(
+            num_gpu_blocks=profile.num_gpu_blocks(args.block_size, args.gpu_memory_utilization,
+                                                  args.kv_cache_bytes),
+            num_host_blocks=args.swap_bytes // block_bytes, block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=min(args.max_model_len or profile.max_model_len,
+                              profile.max_model_len),
+            max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching,
+            preemption_mode=args.preemption_mode)
+
+    def make_core(self, profile: Profile) -> Any:
+        from kvserve import _core
+
+        return _core.Core(
+            num_gpu_blocks=self.num_gpu_blocks, block_size=self.block_size,
+            num_host_blocks=self.num_host_blocks, max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_model_len=self.max_model_len, max_waiting=self.max_waiting,
+            enable_prefix_caching=self.enable_prefix_caching,
+            preemption_mode=self.preemption_mode,
+            kv_bytes_per_token=int(profile.cost.kv_bytes_per_token),
+            flops_per_token=profile.cost.flops_per_token)
+
+
+@dataclass
+class FleetStats:
+    """What every replica adds to, bounded by live requests (histograms, counters)."""
+
+    ttft: LogHistogram = field(default_factory=LogHistogram)
+    itl: LogHistogram = field(default_factory=LogHistogram)
+    e2e: LogHistogram = field(default_factory=LogHistogram)
+    sent: int = 0
+    completed: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    output_tokens: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    steps: int = 0
+    last_finish_s: float = 0.0
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+@dataclass
+class Finished:
+    spec: RequestSpec
+    output_tokens: int
+
+
+class SimReplica:
+    """Arrays indexed by handle (mod a power of two that grows when a live handle would
+    collide) hold each live request's arrival and last-token time, so a step's bookkeeping
+    is a few numpy operations whatever the batch."""
+
+    def __init__(self, index: int, config: ReplicaConfig, profile: Profile,
+                 stats: FleetStats) -> None:
+        from kvserve import _core
+
+        self.index, self.config, self.profile, self.stats = index, config, profile, stats
+        self.core = config.make_core(profile)
+        self._refusals = ((_core.AtCapacityError, "at_capacity"),
+                          (_core.RequestTooLargeError, "too_large"),
+                          (_core.InvalidRequestError, "invalid"))
+        self.live: dict[int, RequestSpec] = {}
+        self._cap = 1024
+        self._alloc(self._cap)
+        self.plan: Any = None
+        self.busy = False
+        self._steady = False
+        # Replaces the modelled step time (tests replay measured steps through it).
+        self.step_clock: Callable[[Any], float] | None = None
+        self._pending: tuple[np.ndarray, float] | None = None
+        self._last_ctx, self._last_ns = 0.0, 0
+        self.tokens = np.full(max(config.max_num_seqs, 1), SYNTHETIC_TOKEN, np.int64)
+        c, st = profile.cost, profile.step_time
+        self._fixed = (c.weight_bytes, c.embed_row_bytes, c.kv_bytes_per_token,
+                       c.flops_per_token, c.attn_flops_per_pair, 1.0 / st.bandwidth_bytes_per_s,
+                       1.0 / st.compute_flops_per_s, st.step_overhead_s, st.seq_overhead_s)
+        self._has_host = config.num_host_blocks > 0
+        self._swap_s_per_block = (c.kv_bytes_per_token * config.block_size / SWAP_BYTES_PER_S)
+
+    def _alloc(self, cap: int) -> None:
+        self._mask = np.uint64(cap - 1)
+        self.arrival = np.zeros(cap)
+        self.last = np.full(cap, np.nan)
+        self.owner = np.full(cap, -1, np.int64)
+
+    def _grow(self) -> None:
+        self._flush_pending()
+        old = [(h, self.arrival[h & (self._cap - 1)], self.last[h & (self._cap - 1)])
+               for h in self.live]
+        self._cap *= 2
+        self._alloc(self._cap)
+        for h, a, t in old:
+            s = h & (self._cap - 1)
+            self.arrival[s], self.last[s], self.owner[s] = a, t, h
+
+    # ---- load signals a router reads ----------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return int(self.core.num_running)
+
+    @property
+    def num_waiting(self) -> int:
+        return int(self.core.num_waiting)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.core.num_used_gpu_blocks / self.core.num_gpu_blocks
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add(self, spec: RequestSpec, now: float) -> bool:
+        """Queue a request; False (and counted) when the core refuses it."""
+        self._flush_pending()
+        try:
+            h = self.core.add_request(spec.request_id,
+                                      np.asarray(spec.prompt_token_ids, np.int64),
+                                      spec.max_tokens, ignore_eos=True)
+        except Exception as exc:  # the core's typed refusals; anything else is a bug
+            for kind, reason in self._refusals:
+                if isinstance(exc, kind):
+                    self.stats.refuse(reason)
+                    return False
+            raise
+        while self.owner[h & (self._cap - 1)] >= 0:
+            self._grow()
+        s = h & (self._cap - 1)
+        self.arrival[s], self.last[s], self.owner[s] = now, np.nan, h
+        self.live[h] = spec
+        return True
+
+    # ---- steps ------------------------------------------------------------------------------
+    # A steady decode step (the last step was decode-only and finished nothing, nothing was
+    # added since, and this one decodes as many rows) runs the same rows: its context is the
+    # last one plus one token a row, and every row's gap is the time since the last step, so
+    # neither is read from arrays. The last-token times of such rows are written only when
+    # the run of steady steps ends (`_pending`).
+
+    def _flush_pending(self) -> None:
+        if self._pending is not None:
+            slots, t = self._pending
+            self.last[slots] = t
+            self._pending = None
+        self._steady = False
+
+    def start_step(self, now: float) -> float | None:
+        """Schedule the next step; its end time, or None when there is nothing to run."""
+        plan = self.core.schedule()
+        ns = plan.num_seqs
+        if ns == 0:
+            self.plan, self.busy = None, False
+            return None
+        wb, erb, kvb, fpt, fpp, inv_bw, inv_rate, c0, c1 = self._fixed
+        nt, nd = plan.num_tokens, plan.num_decodes
+        if self._steady and nd == ns == self._last_ns:
+            ctx = self._last_ctx + ns
+        else:
+            self._steady = False
+            ctx = float(_sum(plan.seq_lens))
+        self._last_ctx, self._last_ns = ctx, ns
+        # A decode's query sees its whole context once: pairs == context.
+        pairs = ctx if nd == ns else attention_pairs(np.diff(plan.query_start_loc),
+                                                     plan.seq_lens)
+        dt = max((wb + erb * nt + kvb * (ctx + nt)) * inv_bw,
+                 (fpt * nt + fpp * pairs) * inv_rate) + c0 + c1 * ns
+        if self._has_host:
+            swaps = len(plan.swap_out) + len(plan.swap_in)
+            if swaps:
+                dt += swaps * self._swap_s_per_block
+        if self.step_clock is not None:
+            dt = self.step_clock(plan)
+        self.plan, self.busy = plan, True
+        return now + dt
+
+    def finish_step(self, now: float) -> list[Finished]:
+        """Commit the step that ends at `now`; account tokens; the requests it finished."""
+        plan = self.plan
+        stats = self.stats
+        stats.steps += 1
+        n = plan.num_samples
+        out = self.core.commit(plan.id, self.tokens[:n])
+        fin = out.finished_handles
+        if self._steady:
+            slots, t = self._pending  # type: ignore[misc]
+            stats.itl.add(now - t, n)
+            self._pending = (slots, now)
+        elif n:
+            self._flush_pending()
+            slots = _and(plan.sample_handles, self._mask)
+            gaps = now - self.last[slots]
+            # A row without a last-token time is a first token. Usually a completed
+            # prefill (after the decodes), but a prompt found cached up to its last token
+            # is planned as a one-token decode row.
+            first = np.isnan(gaps)
+            if first.any():
+                stats.ttft.add_many(now - self.arrival[slots[first]])
+                stats.itl.add_many(gaps[~first])
+            else:
+                stats.itl.add_many(gaps)
+            self._pending = (slots, now)
+        stats.output_tokens += n
+        self._steady = plan.num_decodes == n == plan.num_seqs and n > 0
+        if not len(fin):
+            return []
+        self._flush_pending()
+        done: list[Finished] = []
+        for h in fin.tolist():
+            spec = self.live.pop(h)
+            self.owner[h & (self._cap - 1)] = -1
+            st = self.core.request_stats(spec.request_id)
+            stats.completed += 1
+            stats.prompt_tokens += int(st["prompt_tokens"])
+            stats.cached_prompt_tokens += int(st["cached_prompt_tokens"])
+            stats.e2e.add(now - float(self.arrival[h & (self._cap - 1)]))
+            stats.last_finish_s = now
+            done.append(Finished(spec, int(st["output_tokens"])))
+        return done
