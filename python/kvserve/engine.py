@@ -15,6 +15,7 @@ import torch
 from kvserve.attention import get_backend
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
+from kvserve.grammar import GrammarCompiler
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -72,6 +73,8 @@ class LLMEngine:
         self._requests: dict[int, RequestState] = {}
         self._handles: dict[str, int] = {}
         self._listeners: list[StepListener] = []
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
 
     # ---- the step loop --------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class LLMEngine:
             raise TypeError("params: expected a SamplingParams")
         params.validate(self.vocab_size)
         ids = self._prompt_ids(prompt, prompt_token_ids, messages)
+        grammar = self.grammars.matcher(params.structured) if params.structured else None
         if len(ids) >= self.max_model_len:
             raise self.invalid_request_error(
                 f"prompt: {len(ids)} tokens; must be shorter than max_model_len "
@@ -156,10 +160,20 @@ class LLMEngine:
                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                 StopStringMatcher(params.stop_list), gen,
                 min_tokens_blocked_ids=[*self.tokenizer.eos_token_ids,
-                                        *(params.stop_token_ids or [])])
+                                        *(params.stop_token_ids or [])],
+                grammar=grammar)
             self._requests[handle] = state
             self._handles[request_id] = handle
         return state
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured-output compiler and its cache, built on first use (it indexes the
+        vocabulary, which takes a second on a large one)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+            return self._grammars
 
     def _prompt_ids(self, prompt: str | None, ids: list[int] | None,
                     messages: list[dict[str, Any]] | None) -> list[int]:
