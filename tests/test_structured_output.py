@@ -129,6 +129,12 @@ def test_spec_on_sampling_params() -> None:
      "SamplingParams.structured.json_schema: cannot be compiled"),
     (StructuredOutput(json_schema={"$ref": "#/$defs/missing"}),
      "SamplingParams.structured.json_schema: cannot be compiled"),
+    # xgrammar would ignore these lookaheads, so the output would not match: refused
+    (StructuredOutput(json_schema={"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "^(?!x)[a-z]+$"}}}),
+     "SamplingParams.structured.json_schema: cannot be compiled: lookaround"),
+    (StructuredOutput(regex="a(?=b)b"),
+     "SamplingParams.structured.regex: cannot be compiled: lookaround"),
 ])
 def test_uncompilable_spec_names_the_field(compiler: GrammarCompiler, spec: StructuredOutput,
                                            field: str) -> None:

@@ -6,9 +6,11 @@ vocabulary (benches/bench_grammar_engines.py, benches/RESULTS.md).
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict
+from typing import Any
 
 import xgrammar as xgr
 
@@ -18,6 +20,8 @@ from kvserve.tokenizer import Tokenizer
 DEFAULT_CACHE_ENTRIES = 256
 # xgrammar prefixes its messages with "[hh:mm:ss] /path/file.cc:123: "; the rest is the reason.
 _NATIVE_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: .*? is false: )?")
+# xgrammar ignores lookahead (with a warning) instead of enforcing it, so it is refused here.
+_LOOKAROUND = re.compile(r"(?<!\\)\(\?<?[=!]")
 
 
 class GrammarCompiler:
@@ -69,6 +73,13 @@ class GrammarCompiler:
 
     def _compile(self, spec: StructuredOutput) -> xgr.CompiledGrammar:
         kind = spec.kind
+        patterns = ([str(spec.regex)] if kind == "regex" else
+                    _schema_patterns(json.loads(spec.schema_text())) if kind == "json_schema"
+                    else [])
+        for pattern in patterns:
+            if _LOOKAROUND.search(pattern):
+                raise ValueError(f"{FIELD}.{kind}: cannot be compiled: lookaround assertions "
+                                 f"are not supported: {pattern!r}")
         try:
             if kind == "json_schema":
                 # Compact JSON (no free whitespace): a model cannot stall in endless blanks.
@@ -82,6 +93,22 @@ class GrammarCompiler:
             return self._compiler.compile_grammar(str(spec.grammar))
         except (RuntimeError, ValueError, TypeError) as exc:
             raise ValueError(f"{FIELD}.{kind}: cannot be compiled: {_reason(exc)}") from None
+
+
+def _schema_patterns(node: Any) -> list[str]:
+    """Every regular expression in a schema: "pattern" values and "patternProperties" keys."""
+    found: list[str] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                found.append(value)
+            elif key == "patternProperties" and isinstance(value, dict):
+                found.extend(value)
+            found.extend(_schema_patterns(value))
+    elif isinstance(node, list):
+        for value in node:
+            found.extend(_schema_patterns(value))
+    return found
 
 
 def _reason(exc: Exception) -> str:
