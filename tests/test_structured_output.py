@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM, SamplingParams, StructuredOutput
 from kvserve.grammar import GrammarCompiler
 from kvserve.grammar_mask import apply_grammar_mask
 from kvserve.model.loader import load_checkpoint
 from kvserve.sampling import Sampler
-from kvserve.structured_output import StructuredOutput
 from kvserve.tokenizer import Tokenizer
 
 SCHEMAS: list[dict[str, Any]] = [
