@@ -42,3 +42,16 @@ def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Mistral (Llama-shaped; a sliding window larger than any test sequence)."""
     return save_model_dir(tmp_path_factory.mktemp("tiny_mistral"), "mistral", seed=4,
                           sliding_window=4096)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random Llama over the embedded SmolLM2 tokenizer (real 49k vocabulary)."""
+    from kvserve.default_model import default_model_path
+    from tiny_structured import save_smollm2_vocab_model
+
+    try:
+        gguf = default_model_path()
+    except RuntimeError as exc:  # no network and not installed
+        pytest.skip(f"default model unavailable: {exc}")
+    return save_smollm2_vocab_model(tmp_path_factory.mktemp("tiny_smollm2_vocab"), gguf)

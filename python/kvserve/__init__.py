@@ -13,11 +13,13 @@ except PackageNotFoundError:  # running from a source tree without an install
 if TYPE_CHECKING:
     from kvserve.llm import LLM
     from kvserve.sampling_params import SamplingParams
+    from kvserve.structured_output import StructuredOutput
 
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutput", "__version__"]
 
 # Loaded on first use so `import kvserve` (and `kvserve --help`) stays light: no torch.
-_LAZY = {"LLM": "kvserve.llm", "SamplingParams": "kvserve.sampling_params"}
+_LAZY = {"LLM": "kvserve.llm", "SamplingParams": "kvserve.sampling_params",
+         "StructuredOutput": "kvserve.structured_output"}
 
 
 def __getattr__(name: str) -> Any:

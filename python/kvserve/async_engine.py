@@ -90,9 +90,9 @@ class AsyncEngine:
         self._streams[request_id] = queue
         finished = added = False
         try:
-            ids = await asyncio.get_running_loop().run_in_executor(
-                self._prompt_pool, engine.encode_prompt, prompt, prompt_token_ids, messages)
-            engine.add_encoded(request_id, ids, params, cache_salt)
+            ids, grammar = await asyncio.get_running_loop().run_in_executor(
+                self._prompt_pool, _prepare, engine, prompt, prompt_token_ids, messages, params)
+            engine.add_encoded(request_id, ids, params, cache_salt, grammar)
             added = True
             self._wake.set()
             while True:
@@ -169,3 +169,10 @@ class AsyncEngine:
             queue = self._streams.get(d.request_id)
             if queue is not None:
                 queue.put_nowait(d)
+
+
+def _prepare(engine: LLMEngine, prompt: str | None, prompt_token_ids: list[int] | None,
+             messages: list[dict[str, Any]] | None, params: SamplingParams) -> tuple[Any, Any]:
+    """The work before queueing that may take long (tokenizing, rendering the template,
+    compiling a grammar), for a worker thread."""
+    return engine.encode_prompt(prompt, prompt_token_ids, messages), engine.compile_grammar(params)

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -15,6 +15,7 @@ import torch
 from kvserve.attention import get_backend
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
+from kvserve.grammar import GrammarCompiler
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -23,6 +24,9 @@ from kvserve.sampling import Sampler
 from kvserve.sampling_params import SamplingParams
 from kvserve.step_cost import ModelCost, attention_pairs
 from kvserve.stop_strings import StopStringMatcher
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 log = logging.getLogger(__name__)
 StepListener = Callable[[StepStats], None]
@@ -78,6 +82,8 @@ class LLMEngine:
         self._requests: dict[int, RequestState] = {}
         self._handles: dict[str, int] = {}
         self._listeners: list[StepListener] = []
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
+        self._grammars_lock = threading.Lock()
 
     # ---- the step loop --------------------------------------------------------------------
 
@@ -138,7 +144,7 @@ class LLMEngine:
         """Validate and queue; on any error nothing is queued and the engine is unchanged."""
         self.check_params(params)
         ids = self.encode_prompt(prompt, prompt_token_ids, messages)
-        return self.add_encoded(request_id, ids, params, cache_salt)
+        return self.add_encoded(request_id, ids, params, cache_salt, self.compile_grammar(params))
 
     def check_params(self, params: SamplingParams) -> None:
         if not isinstance(params, SamplingParams):
@@ -202,10 +208,16 @@ class LLMEngine:
                 f"must be shorter than max_model_len ({self.max_model_len})")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
+    def compile_grammar(self, params: SamplingParams) -> GrammarMatcher | None:
+        """The structured-output matcher of a request (ValueError naming the field if its
+        spec does not compile). Takes no engine lock, so it may run off the event loop."""
+        return self.grammars.matcher(params.structured) if params.structured else None
+
     def add_encoded(self, request_id: str | None, ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None) -> RequestState:
-        """Queue a request whose prompt `encode_prompt` made and whose params
-        `check_params` passed."""
+                    cache_salt: str | None = None,
+                    grammar: GrammarMatcher | None = None) -> RequestState:
+        """Queue a request whose prompt `encode_prompt` made, whose params `check_params`
+        passed and whose grammar `compile_grammar` built."""
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         stop_ids = list(dict.fromkeys([*(params.stop_token_ids or []), *eos[1:]]))
@@ -224,10 +236,20 @@ class LLMEngine:
                 IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens),
                 StopStringMatcher(params.stop_list), gen,
                 min_tokens_blocked_ids=[*self.tokenizer.eos_token_ids,
-                                        *(params.stop_token_ids or [])])
+                                        *(params.stop_token_ids or [])],
+                grammar=grammar)
             self._requests[handle] = state
             self._handles[request_id] = handle
         return state
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        """Structured-output compiler and its cache, built on first use (it indexes the
+        vocabulary, which takes a second on a large one)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
+            return self._grammars
 
     def abort(self, request_id: str) -> bool:
         with self._lock:

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import xgrammar as xgr
 
+from kvserve.grammar_mask import apply_grammar_mask
 from kvserve.sampling_params import SamplingParams
 
 __all__ = ["SampleRow", "Sampler", "SamplerOutput", "SamplingParams"]
@@ -23,6 +25,7 @@ class SampleRow(Protocol):
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     min_tokens_blocked_ids: list[int]  # eos + stop ids, masked until min_tokens are out
+    grammar: xgr.GrammarMatcher | None  # structured output: tokens it forbids are masked
 
 
 @dataclass
@@ -67,6 +70,8 @@ class Sampler:
         pen = [i for i, p in enumerate(params) if p.needs_penalties]
         if pen:
             _apply_penalties(logits, rows, pen)
+        if any(p.structured is not None for p in params):
+            apply_grammar_mask(logits, rows)
         result = logits.argmax(dim=-1)
         sampled = [i for i, p in enumerate(params) if not p.greedy]
         if not sampled:
@@ -89,8 +94,8 @@ class Sampler:
 
 
 def _plain_greedy(p: SamplingParams) -> bool:
-    """The token is the logits' argmax: greedy, no penalties, no min_tokens masking."""
-    return p.greedy and not p.needs_penalties and p.min_tokens == 0
+    """The token is the logits' argmax: greedy, no penalties, no min_tokens or grammar mask."""
+    return p.greedy and not p.needs_penalties and p.min_tokens == 0 and p.structured is None
 
 
 def _mask_min_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:

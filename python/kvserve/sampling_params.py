@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from kvserve.structured_output import StructuredOutput
+
 # Below this a temperature is greedy (vLLM's rule): dividing logits by it would overflow
 # float32 (or, for subnormals, divide by zero) and turn the distribution into NaN.
 GREEDY_BELOW = 1e-5
@@ -31,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs per generated token
     skip_special_tokens: bool = True
+    structured: StructuredOutput | None = None  # the output must match a schema/regex/grammar
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,13 @@ class SamplingParams:
             _check(ok, "stop_token_ids", f"must hold token ids in [0, {vocab_size or 'vocab'})", t)
         if self.logprobs is not None:
             _integer(self.logprobs, "logprobs", "in [0, 20]", lambda v: 0 <= v <= 20)
+        if self.structured is not None:
+            _check(isinstance(self.structured, StructuredOutput), "structured",
+                   "must be a StructuredOutput", self.structured)
+            self.structured.validate()
+            # The grammar decides where the output ends; holding back eos could leave no token.
+            _check(self.min_tokens == 0, "min_tokens", "must be 0 with structured output",
+                   self.min_tokens)
 
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:

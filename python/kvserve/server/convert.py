@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvserve.server.proto import pb
+from kvserve.structured_output import StructuredOutput
 
 MAX_REQUEST_ID_CHARS = 256
 MAX_CACHE_SALT_CHARS = 1024
@@ -81,7 +82,24 @@ def sampling_kwargs(params: pb.SamplingParams) -> dict[str, Any]:
         kwargs["stop"] = list(params.stop)
     if params.stop_token_ids:
         kwargs["stop_token_ids"] = list(params.stop_token_ids)
+    if params.HasField("structured"):
+        kwargs["structured"] = structured_output(params.structured)
     return kwargs
+
+
+def structured_output(msg: pb.StructuredOutput) -> StructuredOutput:
+    """Shape errors here, compile errors when the engine adds the request; both name
+    "sampling.structured.<field>"."""
+    which = msg.WhichOneof("kind")
+    if which is None:
+        raise FieldError("sampling.structured: set one of json_schema, json_object, regex, "
+                         "grammar")
+    if which == "json_object" and not msg.json_object:
+        raise FieldError("sampling.structured.json_object: must be true when set")
+    try:
+        return StructuredOutput(**{which: getattr(msg, which)})
+    except ValueError as exc:
+        raise FieldError(sampling_error(exc)) from None
 
 
 def to_engine_request(req: pb.GenerateRequest) -> EngineRequest:

@@ -17,7 +17,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvserve/v1/kvserve.proto\x12\nkvserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xe4\x04\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x42\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.kvserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.kvserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_cache_salt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.kvserve.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.kvserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.kvserve.v1.FinishReason\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.kvserve.v1.Usage\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.kvserve.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x99\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x17\n\x0fkvserve_version\x18\x07 \x01(\t\"\x10\n\x0eGetLoadRequest\"\x85\x03\n\x0fGetLoadResponse\x12\x10\n\x08kv_usage\x18\x01 \x01(\x01\x12\x15\n\rhost_kv_usage\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x0f\n\x07swapped\x18\x05 \x01(\x05\x12\x18\n\x10tokens_last_step\x18\x06 \x01(\x05\x12\x17\n\x0fprefix_hit_rate\x18\x07 \x01(\x01\x12\x11\n\tadmitting\x18\x08 \x01(\x08\x12\x16\n\x0enum_gpu_blocks\x18\t \x01(\x05\x12\x1b\n\x13num_used_gpu_blocks\x18\n \x01(\x05\x12\x1d\n\x15num_cached_gpu_blocks\x18\x0b \x01(\x05\x12\x11\n\tin_flight\x18\x0c \x01(\x05\x12\x39\n\x07metrics\x18\r \x03(\x0b\x32(.kvserve.v1.GetLoadResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa7\x02\n\x07KvServe\x12G\n\x08Generate\x12\x1b.kvserve.v1.GenerateRequest\x1a\x1c.kvserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.kvserve.v1.TokenizeRequest\x1a\x1c.kvserve.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.kvserve.v1.ModelInfoRequest\x1a\x1d.kvserve.v1.ModelInfoResponse\x12\x42\n\x07GetLoad\x12\x1a.kvserve.v1.GetLoadRequest\x1a\x1b.kvserve.v1.GetLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvserve/v1/kvserve.proto\x12\nkvserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.kvserve.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x96\x05\n\x0eSamplingParams\x12\x0e\n\x01n\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x17\n\nmax_tokens\x18\n \x01(\x05H\t\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x0b \x01(\x05H\n\x88\x01\x01\x12\x0c\n\x04stop\x18\x0c \x03(\t\x12\x16\n\x0estop_token_ids\x18\r \x03(\x05\x12\x17\n\nignore_eos\x18\x0e \x01(\x08H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x0c\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x10 \x01(\x08H\r\x88\x01\x01\x12\x30\n\nstructured\x18\x11 \x01(\x0b\x32\x1c.kvserve.v1.StructuredOutputB\x04\n\x02_nB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\r\n\x0b_min_tokensB\r\n\x0b_ignore_eosB\x0b\n\t_logprobsB\x16\n\x14_skip_special_tokens\"l\n\x10StructuredOutput\x12\x15\n\x0bjson_schema\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x42\x06\n\x04kind\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x30\n\x10prompt_token_ids\x18\x03 \x01(\x0b\x32\x14.kvserve.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.kvserve.v1.ChatMessagesH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.kvserve.v1.SamplingParams\x12\x17\n\ncache_salt\x18\x06 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05inputB\r\n\x0b_cache_salt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"_\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12,\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x16.kvserve.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\xd8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12*\n\x08logprobs\x18\x04 \x03(\x0b\x32\x18.kvserve.v1.TokenLogprob\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12/\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x18.kvserve.v1.FinishReason\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.kvserve.v1.Usage\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12,\n\x08messages\x18\x02 \x01(\x0b\x32\x18.kvserve.v1.ChatMessagesH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x12\n\x10ModelInfoRequest\"\x99\x01\n\x11ModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmax_model_len\x18\x02 \x01(\x05\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x12\n\nvocab_size\x18\x06 \x01(\x05\x12\x17\n\x0fkvserve_version\x18\x07 \x01(\t\"\x10\n\x0eGetLoadRequest\"\x85\x03\n\x0fGetLoadResponse\x12\x10\n\x08kv_usage\x18\x01 \x01(\x01\x12\x15\n\rhost_kv_usage\x18\x02 \x01(\x01\x12\x0f\n\x07running\x18\x03 \x01(\x05\x12\x0f\n\x07waiting\x18\x04 \x01(\x05\x12\x0f\n\x07swapped\x18\x05 \x01(\x05\x12\x18\n\x10tokens_last_step\x18\x06 \x01(\x05\x12\x17\n\x0fprefix_hit_rate\x18\x07 \x01(\x01\x12\x11\n\tadmitting\x18\x08 \x01(\x08\x12\x16\n\x0enum_gpu_blocks\x18\t \x01(\x05\x12\x1b\n\x13num_used_gpu_blocks\x18\n \x01(\x05\x12\x1d\n\x15num_cached_gpu_blocks\x18\x0b \x01(\x05\x12\x11\n\tin_flight\x18\x0c \x01(\x05\x12\x39\n\x07metrics\x18\r \x03(\x0b\x32(.kvserve.v1.GetLoadResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa7\x02\n\x07KvServe\x12G\n\x08Generate\x12\x1b.kvserve.v1.GenerateRequest\x1a\x1c.kvserve.v1.GenerateResponse0\x01\x12\x45\n\x08Tokenize\x12\x1b.kvserve.v1.TokenizeRequest\x1a\x1c.kvserve.v1.TokenizeResponse\x12H\n\tModelInfo\x12\x1c.kvserve.v1.ModelInfoRequest\x1a\x1d.kvserve.v1.ModelInfoResponse\x12\x42\n\x07GetLoad\x12\x1a.kvserve.v1.GetLoadRequest\x1a\x1b.kvserve.v1.GetLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -26,8 +26,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GETLOADRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_GETLOADRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2260
-  _globals['_FINISHREASON']._serialized_end=2380
+  _globals['_FINISHREASON']._serialized_start=2420
+  _globals['_FINISHREASON']._serialized_end=2540
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_CHATMESSAGES']._serialized_start=86
@@ -35,31 +35,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=145
   _globals['_TOKENIDS']._serialized_end=168
   _globals['_SAMPLINGPARAMS']._serialized_start=171
-  _globals['_SAMPLINGPARAMS']._serialized_end=783
-  _globals['_GENERATEREQUEST']._serialized_start=786
-  _globals['_GENERATEREQUEST']._serialized_end=1032
-  _globals['_TOPLOGPROB']._serialized_start=1034
-  _globals['_TOPLOGPROB']._serialized_end=1081
-  _globals['_TOKENLOGPROB']._serialized_start=1083
-  _globals['_TOKENLOGPROB']._serialized_end=1178
-  _globals['_USAGE']._serialized_start=1180
-  _globals['_USAGE']._serialized_end=1267
-  _globals['_GENERATERESPONSE']._serialized_start=1270
-  _globals['_GENERATERESPONSE']._serialized_end=1486
-  _globals['_TOKENIZEREQUEST']._serialized_start=1489
-  _globals['_TOKENIZEREQUEST']._serialized_end=1633
-  _globals['_TOKENIZERESPONSE']._serialized_start=1635
-  _globals['_TOKENIZERESPONSE']._serialized_end=1672
-  _globals['_MODELINFOREQUEST']._serialized_start=1674
-  _globals['_MODELINFOREQUEST']._serialized_end=1692
-  _globals['_MODELINFORESPONSE']._serialized_start=1695
-  _globals['_MODELINFORESPONSE']._serialized_end=1848
-  _globals['_GETLOADREQUEST']._serialized_start=1850
-  _globals['_GETLOADREQUEST']._serialized_end=1866
-  _globals['_GETLOADRESPONSE']._serialized_start=1869
-  _globals['_GETLOADRESPONSE']._serialized_end=2258
-  _globals['_GETLOADRESPONSE_METRICSENTRY']._serialized_start=2212
-  _globals['_GETLOADRESPONSE_METRICSENTRY']._serialized_end=2258
-  _globals['_KVSERVE']._serialized_start=2383
-  _globals['_KVSERVE']._serialized_end=2678
+  _globals['_SAMPLINGPARAMS']._serialized_end=833
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=835
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=943
+  _globals['_GENERATEREQUEST']._serialized_start=946
+  _globals['_GENERATEREQUEST']._serialized_end=1192
+  _globals['_TOPLOGPROB']._serialized_start=1194
+  _globals['_TOPLOGPROB']._serialized_end=1241
+  _globals['_TOKENLOGPROB']._serialized_start=1243
+  _globals['_TOKENLOGPROB']._serialized_end=1338
+  _globals['_USAGE']._serialized_start=1340
+  _globals['_USAGE']._serialized_end=1427
+  _globals['_GENERATERESPONSE']._serialized_start=1430
+  _globals['_GENERATERESPONSE']._serialized_end=1646
+  _globals['_TOKENIZEREQUEST']._serialized_start=1649
+  _globals['_TOKENIZEREQUEST']._serialized_end=1793
+  _globals['_TOKENIZERESPONSE']._serialized_start=1795
+  _globals['_TOKENIZERESPONSE']._serialized_end=1832
+  _globals['_MODELINFOREQUEST']._serialized_start=1834
+  _globals['_MODELINFOREQUEST']._serialized_end=1852
+  _globals['_MODELINFORESPONSE']._serialized_start=1855
+  _globals['_MODELINFORESPONSE']._serialized_end=2008
+  _globals['_GETLOADREQUEST']._serialized_start=2010
+  _globals['_GETLOADREQUEST']._serialized_end=2026
+  _globals['_GETLOADRESPONSE']._serialized_start=2029
+  _globals['_GETLOADRESPONSE']._serialized_end=2418
+  _globals['_GETLOADRESPONSE_METRICSENTRY']._serialized_start=2372
+  _globals['_GETLOADRESPONSE_METRICSENTRY']._serialized_end=2418
+  _globals['_KVSERVE']._serialized_start=2543
+  _globals['_KVSERVE']._serialized_end=2838
 # @@protoc_insertion_point(module_scope)

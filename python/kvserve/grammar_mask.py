@@ -1,0 +1,44 @@
+"""The structured-output token mask: logits of tokens a row's grammar forbids become -inf."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from typing import Protocol
+
+import torch
+import xgrammar as xgr
+
+
+class GrammarRow(Protocol):
+    grammar: xgr.GrammarMatcher | None  # None: the row is unconstrained
+
+
+def grammar_bitmask(rows: Sequence[GrammarRow], vocab_size: int) -> torch.Tensor | None:
+    """int32 [len(rows), ceil(vocab / 32)] on the CPU, bit set = allowed; rows without a
+    grammar allow everything. None when no row has a grammar."""
+    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
+    matchers = [m for r in rows if (m := r.grammar) is not None]
+    if not matchers:
+        return None
+    bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)  # all ones
+    if len(idx) == 1:
+        matchers[0].fill_next_token_bitmask(bitmask, idx[0])
+    else:  # the rows' fills run in parallel in xgrammar's own threads
+        _batch_matcher().batch_fill_next_token_bitmask(matchers, bitmask, indices=idx)
+    return bitmask
+
+
+def apply_grammar_mask(logits: torch.Tensor, rows: Sequence[GrammarRow]) -> None:
+    """In place on logits [len(rows), V] (CPU or CUDA); a no-op when no row has a grammar."""
+    bitmask = grammar_bitmask(rows, logits.shape[1])
+    if bitmask is None:
+        return
+    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
+    xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
+                                    vocab_size=logits.shape[1], indices=idx)
+
+
+@cache
+def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    return xgr.BatchGrammarMatcher()

@@ -1,0 +1,85 @@
+"""Structured outputs through a real `kvserve serve` subprocess and a real grpcio client."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import jsonschema
+import pytest
+
+from kvserve.server.proto import pb
+from kvserve.server.proto.service import KvServeStub
+from kvserve.server.testing import ServerProcess
+
+SCHEMA = {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 10},
+    "rank": {"type": "integer", "minimum": 1, "maximum": 50},
+    "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+    "required": ["city", "rank", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_smollm2_vocab_dir: Path) -> Iterator[ServerProcess]:
+    proc = ServerProcess(["--model", str(tiny_smollm2_vocab_dir), "--device", "cpu",
+                          "--kv-cache-memory", "8MiB", "--max-model-len", "256",
+                          "--seed", "3"]).start()
+    try:
+        yield proc
+    finally:
+        assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture(scope="module")
+def stub(server: ServerProcess) -> Iterator[KvServeStub]:
+    with server.channel() as channel:
+        yield KvServeStub(channel)
+
+
+def _generate(stub: KvServeStub, structured: pb.StructuredOutput, seed: int = 0
+              ) -> tuple[str, int]:
+    req = pb.GenerateRequest(prompt="hello", sampling=pb.SamplingParams(
+        temperature=1.0, seed=seed, max_tokens=160, structured=structured))
+    text, reason = "", 0
+    for resp in stub.Generate(req, timeout=120):
+        text += resp.text
+        if resp.finished:
+            reason = resp.finish_reason
+    return text, reason
+
+
+def test_json_schema_and_regex_over_grpc(stub: KvServeStub) -> None:
+    for seed in range(3):
+        text, reason = _generate(stub, pb.StructuredOutput(json_schema=json.dumps(SCHEMA)), seed)
+        assert reason == pb.FINISH_REASON_STOP, text
+        jsonschema.validate(json.loads(text), SCHEMA)
+    regex = r"(cat|dog)s? [0-9]{1,2}"
+    text, reason = _generate(stub, pb.StructuredOutput(regex=regex))
+    assert reason == pb.FINISH_REASON_STOP and re.fullmatch(regex, text), text
+
+
+@pytest.mark.parametrize(("structured", "expected"), [
+    (pb.StructuredOutput(json_schema=json.dumps({"type": "integer", "minimum": 9,
+                                                 "maximum": 1})),
+     "sampling.structured.json_schema: cannot be compiled"),
+    (pb.StructuredOutput(json_schema="{oops"), "sampling.structured.json_schema: not valid JSON"),
+    (pb.StructuredOutput(regex="(a"), "sampling.structured.regex: cannot be compiled"),
+    (pb.StructuredOutput(grammar="root ::= nothing"),
+     "sampling.structured.grammar: cannot be compiled"),
+    (pb.StructuredOutput(json_object=False), "sampling.structured.json_object: must be true"),
+    (pb.StructuredOutput(), "sampling.structured: set one of"),
+])
+def test_bad_spec_is_invalid_argument_naming_the_field(
+        stub: KvServeStub, structured: pb.StructuredOutput, expected: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _generate(stub, structured)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(expected), info.value.details()
+    # still serving, nothing left behind
+    text, reason = _generate(stub, pb.StructuredOutput(regex="(yes|no)"))
+    assert reason == pb.FINISH_REASON_STOP and text in ("yes", "no")
+    load = stub.GetLoad(pb.GetLoadRequest(), timeout=10)
+    assert load.running == load.waiting == 0 and load.num_used_gpu_blocks == 0
