@@ -56,19 +56,31 @@ def field_path(loc: Sequence[Any]) -> str:
     return out
 
 
+def _param_loc(loc: Sequence[Any]) -> list[Any]:
+    # drop "body", and the branch names a union reports each alternative under
+    return [
+        p for p in loc if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))
+    ]
+
+
 def from_validation(errors: Sequence[Mapping[str, Any]]) -> APIError:
-    """The first pydantic error of a request body as a 400 naming the field."""
+    """The first pydantic error of a request body as a 400 naming the field.
+
+    A union (content: str | list[part]) reports one error per alternative; the deepest one
+    under the first error's field says best what is wrong.
+    """
     if not errors:
         return bad_request("invalid request body")
-    err = errors[0]
-    loc = [p for p in err.get("loc", ()) if p != "body"]
-    # a union reports each branch under its type name (str, list[int], ...): drop those
-    loc = [p for p in loc if not (isinstance(p, str) and ("[" in p or p in _TYPE_TAGS))]
+    err, loc = errors[0], _param_loc(errors[0].get("loc", ()))
+    if err.get("type") == "json_invalid":
+        return bad_request(f"request body: {err.get('msg', 'invalid JSON')}")
+    for other in errors[1:]:
+        other_loc = _param_loc(other.get("loc", ()))
+        if len(other_loc) > len(loc) and other_loc[: len(loc)] == loc:
+            err, loc = other, other_loc
     param = field_path(loc) or None
     if err.get("type") == "extra_forbidden":
         return bad_request(f"{param}: not supported by kvserve", param)
-    if err.get("type") in ("json_invalid", "model_attributes_type") and param is None:
-        return bad_request(f"request body: {err.get('msg', 'invalid JSON')}")
     return bad_request(f"{param or 'request body'}: {err.get('msg', 'invalid value')}", param)
 
 

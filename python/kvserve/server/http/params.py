@@ -67,7 +67,11 @@ def to_engine_input(req: ChatCompletionRequest | CompletionRequest) -> EngineInp
             kwargs["logprobs"] = req.logprobs
         p = req.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            p = p[0]  # a one-element batch
+            if len(p) != 1:
+                raise bad_request(
+                    f"prompt: one prompt per request; got a batch of {len(p)}", "prompt"
+                )
+            p = p[0]
         if isinstance(p, str):
             if not p:
                 raise bad_request("prompt: must not be empty", "prompt")

@@ -73,13 +73,9 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    # one prompt: text or token ids, bare or as a one-element list (the SDK's shapes)
-    prompt: (
-        str
-        | Annotated[list[int], Field(min_length=1)]
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
-        | Annotated[list[list[int]], Field(min_length=1, max_length=1)]
-    )
+    # one prompt: text or token ids, bare or as a one-element list (the SDK's shapes);
+    # a batch of several is refused (n and batches are one request each here)
+    prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: Literal[False] = False
     best_of: Literal[1] | None = None
