@@ -17,8 +17,8 @@ from kvserve.server.http.middleware import BearerAuth, BodyLimit
 
 log = logging.getLogger("kvserve.server")
 
-# after the drain's grace period, what is left gets this long before it is cut
-_CLOSE_S = 2.0
+# stop() comes after the drain's grace period: what is still open then is cut at once
+_CLOSE_S = 0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -52,7 +52,7 @@ class HttpFront:
     async def stop(self) -> None:
         self.server.should_exit = True
         try:
-            await asyncio.wait_for(asyncio.shield(self.task), _CLOSE_S + 5)
+            await asyncio.wait_for(asyncio.shield(self.task), 10)
         except asyncio.TimeoutError:
             self.server.force_exit = True
             self.task.cancel()
@@ -76,7 +76,7 @@ async def start_http(ctx: HttpContext, cfg: ServerConfig) -> HttpFront:
         lifespan="off",
         log_level="warning",
         access_log=False,
-        timeout_graceful_shutdown=int(_CLOSE_S),
+        timeout_graceful_shutdown=_CLOSE_S,
         ws="none",
         # the same certificate as gRPC when --tls-cert/--tls-key are given
         ssl_certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
