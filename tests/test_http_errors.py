@@ -32,6 +32,8 @@ FLAGS = [
     "2",
     "--max-message-bytes",
     str(MAX_BODY),
+    "--served-model-name",
+    "tiny",
 ]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -108,7 +110,12 @@ def test_bearer_key_is_required_except_for_health(
         assert len(c.models.list().data) == 1
 
 
-def test_unknown_model_and_route_are_404(server: ServerProcess, http: httpx.Client) -> None:
+def test_unknown_model_and_route_are_404(
+    server: ServerProcess, http: httpx.Client, model: str, tiny_llama_dir: Path
+) -> None:
+    assert model == "tiny"  # --served-model-name; the directory's name is not served
+    body = {"model": tiny_llama_dir.name, "prompt": "hi", "max_tokens": 2}
+    error_of(http.post("/v1/completions", json=body), 404)
     body = {"model": "gpt-4", "prompt": "hi", "max_tokens": 2}
     err = error_of(http.post("/v1/completions", json=body), 404)
     assert (err["param"], err["code"]) == ("model", "model_not_found")

@@ -116,7 +116,8 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
     http = None
     if cfg.http_port >= 0:
         try:
-            http = await start_http(HttpContext(engine, state, metrics, retry), cfg)
+            ctx = HttpContext(engine, state, metrics, retry, cfg.served_model_name)
+            http = await start_http(ctx, cfg)
         except OSError:
             await server.stop(None)
             if metrics_http is not None:

@@ -26,6 +26,7 @@ class ServerConfig:
     metrics_host: str | None = None  # None: same as host
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port, -1: no metrics endpoint
     http_port: int = DEFAULT_HTTP_PORT  # OpenAI-compatible HTTP; 0: any free port, -1: off
+    served_model_name: str | None = None  # the HTTP "model" name; None: the model's own name
     api_key: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -44,6 +45,8 @@ class ServerConfig:
             raise ServerConfigError(
                 f"--http-port: must be in -1..65535 (-1 = off), got {self.http_port}"
             )
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ServerConfigError("--served-model-name: must not be blank")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ServerConfigError("--tls-cert and --tls-key: give both or neither")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
@@ -81,6 +84,7 @@ class ServerConfig:
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port,
             http_port=args.http_port,
+            served_model_name=args.served_model_name,
             api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -132,6 +136,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_HTTP_PORT,
         help=f"OpenAI-compatible HTTP port on --host (default {DEFAULT_HTTP_PORT}; "
         "0 picks a free one; -1 turns it off)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name HTTP clients send and /v1/models lists (default: the model's "
+        "own name, e.g. SmolLM2-135M-Instruct.Q4_1)",
     )
     g.add_argument(
         "--metrics-host", default=None, help="address of the Prometheus endpoint (default: --host)"

@@ -57,10 +57,11 @@ class HttpContext:
     state: ServerState
     metrics: ServerMetrics
     retry: RetryAfterEstimator
+    served_model_name: str | None = None
     model_name: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model_name = str(self.engine.model_info.get("model", ""))
+        self.model_name = self.served_model_name or str(self.engine.model_info.get("model", ""))
 
     def reject(self, err: APIError, reason: str) -> APIError:
         self.metrics.rejected.labels(reason).inc()
