@@ -28,6 +28,9 @@ class _EmbeddedUvicorn(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         yield
 
+    def install_signal_handlers(self) -> None:  # the same hook in uvicorn < 0.29
+        pass
+
 
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
