@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -307,3 +309,34 @@ def test_the_engine_serves_on_after_every_error(server: ServerProcess, model: st
     assert load["metrics"]["requests_added"] == (
         load["metrics"]["requests_finished"] + load["metrics"]["requests_aborted"]
     )
+
+
+def test_a_client_leaving_while_queued_is_dropped_from_the_queue(
+    server: ServerProcess, http: httpx.Client, model: str
+) -> None:
+    aborted = http.get("/load").json()["metrics"]["requests_aborted"]
+    body = {
+        "model": model,
+        "prompt": "the quick brown fox",
+        "stream": True,
+        "max_tokens": 180,
+        "ignore_eos": True,
+    }
+    with http.stream("POST", "/v1/completions", json=body) as running:  # max_num_seqs = 1
+        lines = running.iter_lines()
+        assert next(lines).startswith("data: ")
+        queued = json.dumps({"model": model, "prompt": "hi", "max_tokens": 4}).encode()
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        head = (
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer "
+            f"{API_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(queued)}\r\n\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(head.encode() + queued)
+            wait_load(http, lambda load: load["waiting"] == 1)
+        # the client left: the request leaves the queue while the other one still runs
+        load = wait_load(http, lambda load: load["waiting"] == 0)
+        assert load["running"] == 1
+        assert load["metrics"]["requests_aborted"] == aborted + 1
+    wait_load(http, idle)

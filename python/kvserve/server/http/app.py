@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +44,7 @@ from kvserve.server.retry import RetryAfterEstimator
 from kvserve.server.servicer import ServerState
 
 log = logging.getLogger("kvserve.server.http")
+T = TypeVar("T")
 
 # engine messages start with the field they blame; the body names some differently
 _ENGINE_FIELDS = {"prompt_token_ids": "prompt"}
@@ -164,6 +165,22 @@ class _EngineStream(StreamingResponse):
 async def _until_disconnected(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result; cancelled (APIError 499) as soon as the client goes away, so a
+    request waiting in the queue or generating for nobody is aborted at once."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait((task, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise APIError(499, "client disconnected", code="client_disconnected")
+    return task.result()
 
 
 def build_app(ctx: HttpContext) -> FastAPI:
@@ -296,7 +313,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         prefix = "chatcmpl-" if chat else "cmpl-"
         run = _Request(ctx, prefix + uuid.uuid4().hex)
         try:
-            first = await run.start(inp)
+            first = await _unless_disconnected(request, run.start(inp))
         except BaseException:
             await run.close()
             raise
@@ -318,7 +335,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
             )
             return _EngineStream(events, run)
         try:
-            await _collect(run, first, acc, request)
+            await _unless_disconnected(request, _collect(run, first, acc))
         finally:
             await run.close()
         lp = None
@@ -332,29 +349,15 @@ def build_app(ctx: HttpContext) -> FastAPI:
     return app
 
 
-async def _collect(run: _Request, first: Any, acc: responses.Completion, request: Request) -> None:
-    """The whole answer, or CancelledError-free abort when the client goes away first."""
-
-    async def drain() -> None:
-        out = first
-        while True:
-            run.sent(out)
-            acc.add(out)
-            if out.finished:
-                return
-            out = await anext(run.stream)
-
-    work = asyncio.ensure_future(drain())
-    gone = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not work.done():
-            work.cancel()  # the client left: close() aborts the request
-    if work.cancelled():
-        raise APIError(499, "client disconnected")
-    work.result()
+async def _collect(run: _Request, first: Any, acc: responses.Completion) -> None:
+    """The whole answer."""
+    out = first
+    while True:
+        run.sent(out)
+        acc.add(out)
+        if out.finished:
+            break
+        out = await anext(run.stream)
     if acc.finish_reason == "error":
         raise APIError(500, "generation failed; see the server log", code="generation_error")
 
