@@ -64,7 +64,7 @@ class HttpFront:
 async def start_http(ctx: HttpContext, cfg: ServerConfig) -> HttpFront:
     """Bind --host:--http-port (0: any free port) and serve the app until stop()."""
     app = build_app(ctx)
-    asgi = BodyLimit(app, cfg.max_message_bytes)
+    asgi: BodyLimit | BearerAuth = BodyLimit(app, cfg.max_message_bytes)
     if cfg.api_key:
         asgi = BearerAuth(asgi, cfg.api_key, ctx.metrics.rejected.labels("unauthenticated").inc)
     try:

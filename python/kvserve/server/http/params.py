@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.http.errors import APIError, bad_request
@@ -46,7 +46,9 @@ def to_engine_input(req: ChatCompletionRequest | CompletionRequest) -> EngineInp
         raise bad_request("stop: must not be empty", "stop")
     if req.stop:
         kwargs["stop"] = req.stop
-    prompt = token_ids = messages = None
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
     if isinstance(req, ChatCompletionRequest):
         both = req.max_tokens is not None and req.max_completion_tokens is not None
         if both and req.max_tokens != req.max_completion_tokens:
@@ -77,7 +79,7 @@ def to_engine_input(req: ChatCompletionRequest | CompletionRequest) -> EngineInp
                 raise bad_request("prompt: must not be empty", "prompt")
             prompt = p
         else:
-            token_ids = list(p)  # type: ignore[arg-type]
+            token_ids = [int(t) for t in cast("list[int]", p)]  # a str is handled above
             if not token_ids:
                 raise bad_request("prompt: must not be empty", "prompt")
     try:
