@@ -137,6 +137,7 @@ CHAT_400 = [
     ({"logit_bias": {"5": 1}}, "logit_bias"),
     ({"response_format": {"type": "json_object"}}, "response_format.type"),
     ({"parallel_tool_calls": True}, "parallel_tool_calls"),
+    ({"store": True}, "store"),
     ({"frobnicate": 1}, "frobnicate"),
     ({"temperature": -1}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
@@ -200,6 +201,26 @@ def test_bad_completion_fields_are_400_naming_the_field(
     body = {"model": model, "prompt": "hi", "max_tokens": 3, **patch}
     err = error_of(http.post("/v1/completions", json=body), 400)
     assert err["param"] == param, err
+
+
+def test_unsupported_fields_left_empty_are_taken_as_not_given(
+    http: httpx.Client, model: str
+) -> None:
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2,
+        "tools": [],
+        "tool_choice": "none",
+        "functions": None,
+        "logit_bias": {},
+        "parallel_tool_calls": False,
+        "store": False,
+        "metadata": None,
+    }
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+    body = {"model": model, "prompt": "hi", "max_tokens": 2, "suffix": None, "logit_bias": None}
+    assert http.post("/v1/completions", json=body).status_code == 200
 
 
 def test_malformed_bodies_are_400(http: httpx.Client, model: str) -> None:

@@ -202,6 +202,11 @@ def build_app(ctx: HttpContext) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return ctx.reject(from_validation(exc.errors()), "invalid_argument").response()
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return APIError(500, "internal error; see the server log", code="internal_error").response()
+
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()
@@ -359,7 +364,7 @@ async def _collect(run: _Request, first: Any, acc: responses.Completion) -> None
             break
         out = await anext(run.stream)
     if acc.finish_reason == "error":
-        raise APIError(500, "generation failed; see the server log", code="generation_error")
+        raise _generation_failed()
 
 
 async def _stream_events(
@@ -373,40 +378,38 @@ async def _stream_events(
     with_ids: bool,
     token_text: responses.TokenText,
 ) -> AsyncIterator[bytes]:
-    out = first
+    def delta_chunk(out: Any, offset: int) -> dict[str, Any]:
+        ids = [int(t) for t in out.token_ids or ()]
+        tid = ids if with_ids else None
+        lp = None
+        if chat:
+            if want_logprobs:
+                lp = responses.chat_logprobs(ids, out.logprobs or [], top_n, token_text)
+            return responses.chat_chunk(acc, {"content": out.text}, None, lp, tid)
+        if want_logprobs:
+            lp = responses.completion_logprobs(ids, out.logprobs or [], top_n, token_text, offset)
+        return responses.completion_chunk(acc, out.text, None, lp, tid)
+
     if chat:
         yield sse.event(responses.chat_chunk(acc, {"role": "assistant", "content": ""}))
-    offset = 0
-    while True:
-        run.sent(out)
-        acc.add(out)
-        if out.finish_reason == "error":
-            yield sse.event(
-                APIError(
-                    500, "generation failed; see the server log", code="generation_error"
-                ).body()
-            )
-            yield sse.DONE
-            return
-        ids = [int(t) for t in out.token_ids or ()]
-        if ids or out.text:
-            lp = None
-            if want_logprobs:
-                if chat:
-                    lp = responses.chat_logprobs(ids, out.logprobs or [], top_n, token_text)
-                else:
-                    lp = responses.completion_logprobs(
-                        ids, out.logprobs or [], top_n, token_text, offset
-                    )
-            tid = ids if with_ids else None
-            if chat:
-                yield sse.event(responses.chat_chunk(acc, {"content": out.text}, None, lp, tid))
-            else:
-                yield sse.event(responses.completion_chunk(acc, out.text, None, lp, tid))
-            offset += len(out.text or "")
-        if out.finished:
-            break
-        out = await anext(run.stream)
+    out, offset = first, 0
+    try:
+        while True:
+            run.sent(out)
+            acc.add(out)
+            if out.finish_reason == "error":
+                raise RuntimeError(out.error or "the engine failed this request")
+            if out.token_ids or out.text:
+                yield sse.event(delta_chunk(out, offset))
+                offset += len(out.text or "")
+            if out.finished:
+                break
+            out = await anext(run.stream)
+    except Exception:  # the status line is long gone: the error travels as an event
+        log.exception("request %s failed while streaming", run.id)
+        yield sse.event(_generation_failed().body())
+        yield sse.DONE
+        return
     if chat:
         yield sse.event(responses.chat_chunk(acc, {}, acc.finish_reason))
     else:
@@ -414,3 +417,7 @@ async def _stream_events(
     if include_usage:
         yield sse.event(responses.usage_chunk(acc, chat))
     yield sse.DONE
+
+
+def _generation_failed() -> APIError:
+    return APIError(500, "generation failed; see the server log", code="generation_error")

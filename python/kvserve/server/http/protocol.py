@@ -7,11 +7,24 @@ generated from these same models, so it lists exactly what is accepted.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_TOP_LOGPROBS = 20
+# OpenAI fields kvserve does not implement. Some clients send them empty by default; a null
+# or empty value asks for nothing, so it is taken as not given. Any other value is refused.
+UNSUPPORTED_WHEN_SET = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "parallel_tool_calls",
+    "suffix",
+    "metadata",
+    "store",
+)
 
 
 class _Strict(BaseModel):
@@ -61,6 +74,19 @@ class _Sampling(_Strict):
     return_token_ids: bool = Field(
         False, description="add the generated token ids to each choice (kvserve)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_unsupported(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            empty = [k for k in UNSUPPORTED_WHEN_SET if k in data and _asks_nothing(k, data[k])]
+            if empty:
+                data = {k: v for k, v in data.items() if k not in empty}
+        return data
+
+
+def _asks_nothing(key: str, value: Any) -> bool:
+    return value is None or value in ({}, [], False) or (key == "tool_choice" and value == "none")
 
 
 class ChatCompletionRequest(_Sampling):
