@@ -180,18 +180,23 @@ def test_full_context_starts_a_fresh_conversation_keeping_the_turn_count() -> No
 
 
 def test_kvserve_bench_against_a_running_server(tiny_llama_dir, tmp_path) -> None:
-    """`kvserve bench --server`: the same report, the load sent over gRPC."""
+    """`kvserve bench --server`: the same report, the load sent over gRPC and over HTTP."""
     from kvserve.cli import main
     from kvserve.server.testing import ServerProcess
 
     flags = ["--model", str(tiny_llama_dir), "--device", "cpu", "--max-model-len", "256",
              "--kv-cache-memory", "4MiB"]
     with ServerProcess(flags).start() as server:
-        out = tmp_path / "bench"
-        rc = main(["bench", "--server", server.target, "--workload", "multiturn",
-                   "--turns", "2", "--think-time", "0.01", "--num-requests", "6",
-                   "--rate", "50", "--out", str(out), "--no-plots"])
-        assert rc == 0, server.log()
-    (summary,) = json.loads((out / "results.json").read_text())["summaries"]
-    assert summary["completed"] == summary["requests"] == 6
-    assert summary["prefix_hit_rate"] > 0
+        summaries = []
+        for i, target in enumerate((server.target, server.http_url)):
+            out = tmp_path / f"bench{i}"
+            rc = main(["bench", "--server", target, "--workload", "multiturn",
+                       "--turns", "2", "--think-time", "0.01", "--num-requests", "6",
+                       "--rate", "50", "--seed", str(10 * i), "--out", str(out), "--no-plots"])
+            assert rc == 0, server.log()
+            doc = json.loads((out / "results.json").read_text())
+            summaries.append(doc["summaries"][0])
+            assert all(r["finish_reason"] == "length" for r in doc["requests"][0])
+    for summary in summaries:
+        assert summary["completed"] == summary["requests"] == 6
+        assert summary["prefix_hit_rate"] > 0

@@ -30,6 +30,9 @@ def run_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
     [
         ({"port": 70000}, "--port"),
         ({"metrics_port": -2}, "--metrics-port"),
+        ({"http_port": -2}, "--http-port"),
+        ({"http_port": 65536}, "--http-port"),
+        ({"served_model_name": " "}, "--served-model-name"),
         ({"tls_cert": Path("/nonexistent/cert.pem")}, "--tls-cert and --tls-key"),
         ({"max_message_bytes": 10}, "--max-message-bytes"),
         ({"grace_period_s": -1.0}, "--grace-period"),

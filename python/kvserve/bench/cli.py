@@ -18,7 +18,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="open-loop load generator with latency/throughput report and plots",
         description="Poisson arrivals (or fixed concurrency) against --server or in-process.",
     )
-    p.add_argument("--server", help="HOST:PORT of a running kvserve server (default: in-process)")
+    p.add_argument(
+        "--server",
+        help="a running kvserve server: HOST:PORT (gRPC) or http://HOST:PORT (the "
+        "OpenAI-compatible HTTP front); default: the engine in this process",
+    )
     p.add_argument("--api-key", default=None, help="bearer token for --server")
     p.add_argument("--workload", choices=WORKLOADS, default="synthetic")
     p.add_argument(
@@ -60,7 +64,11 @@ async def _bench(args: argparse.Namespace) -> int:
 
     rates = _rates(args.rate)
     engine = None
-    if args.server:
+    if args.server and args.server.startswith(("http://", "https://")):
+        from kvserve.bench.http_client import HttpClient
+
+        client = HttpClient(args.server, api_key=args.api_key)
+    elif args.server:
         from kvserve.bench.grpc_client import GrpcClient
 
         client = GrpcClient(args.server, api_key=args.api_key)

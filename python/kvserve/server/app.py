@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from kvserve.server.auth import BearerAuthInterceptor
 from kvserve.server.config import ServerConfig
+from kvserve.server.http.app import HttpContext
+from kvserve.server.http.front import HttpFront, start_http
 from kvserve.server.metrics import ServerMetrics, ridge_point
 from kvserve.server.metrics_http import MetricsHTTPServer
 from kvserve.server.proto.service import SERVICE_NAME, add_kvserve_servicer
@@ -53,6 +55,7 @@ class RunningServer:
     metrics: ServerMetrics
     metrics_http: MetricsHTTPServer | None
     port: int
+    http: HttpFront | None = None
 
 
 async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None) -> RunningServer:
@@ -73,7 +76,8 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
         ],
     )
-    servicer = KvServeServicer(engine, metrics, state, RetryAfterEstimator(), device=device)
+    retry = RetryAfterEstimator()
+    servicer = KvServeServicer(engine, metrics, state, retry, device=device)
     add_kvserve_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -110,6 +114,16 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
                 f"{exc.strerror}"
             ) from exc
         metrics_http.start()
+    http = None
+    if cfg.http_port >= 0:
+        try:
+            ctx = HttpContext(engine, state, metrics, retry, cfg.served_model_name)
+            http = await start_http(ctx, cfg)
+        except OSError:
+            await server.stop(None)
+            if metrics_http is not None:
+                metrics_http.stop()
+            raise
     log.info(
         "kvserve gRPC listening on %s (%s, %s)",
         host_port(cfg.host, port),
@@ -121,11 +135,18 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
             "kvserve metrics on http://%s/metrics",
             host_port(cfg.metrics_host or cfg.host, metrics_http.port),
         )
-    return RunningServer(server, health, state, metrics, metrics_http, port)
+    if http is not None:
+        log.info(
+            "kvserve HTTP listening on %s://%s (OpenAI-compatible)",
+            "https" if cfg.tls else "http",
+            host_port(cfg.host, http.port),
+        )
+    return RunningServer(server, health, state, metrics, metrics_http, port, http)
 
 
 async def drain_and_stop(rs: RunningServer, grace_s: float, force: asyncio.Event) -> None:
-    """Health NOT_SERVING, refuse new streams, let open ones finish for up to grace_s."""
+    """Health NOT_SERVING, refuse new streams (gRPC and HTTP), let open ones finish for up
+    to grace_s."""
     rs.state.draining = True
     await rs.health.enter_graceful_shutdown()
     log.info("draining: %d streams in flight, grace %.1fs", len(rs.state.live), grace_s)
@@ -136,7 +157,10 @@ async def drain_and_stop(rs: RunningServer, grace_s: float, force: asyncio.Event
         task.cancel()
     if rs.state.live:
         log.warning("cancelling %d streams still open after the grace period", len(rs.state.live))
-    await rs.server.stop(None)  # cancels what is left; their handlers abort in the engine
+    stops = [rs.server.stop(None)]  # cancels what is left; their handlers abort in the engine
+    if rs.http is not None:
+        stops.append(rs.http.stop())
+    await asyncio.gather(*stops)
     if rs.metrics_http is not None:
         rs.metrics_http.stop()
     log.info("kvserve server stopped")

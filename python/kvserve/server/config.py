@@ -11,6 +11,7 @@ from pathlib import Path
 API_KEY_ENV = "KVSERVE_API_KEY"
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9400
+DEFAULT_HTTP_PORT = 8000
 DEFAULT_MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -24,6 +25,8 @@ class ServerConfig:
     port: int = DEFAULT_PORT  # 0: any free port (logged)
     metrics_host: str | None = None  # None: same as host
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port, -1: no metrics endpoint
+    http_port: int = DEFAULT_HTTP_PORT  # OpenAI-compatible HTTP; 0: any free port, -1: off
+    served_model_name: str | None = None  # the HTTP "model" name; None: the model's own name
     api_key: str | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -38,6 +41,12 @@ class ServerConfig:
             raise ServerConfigError(
                 f"--metrics-port: must be in -1..65535 (-1 = off), got {self.metrics_port}"
             )
+        if not -1 <= self.http_port <= 65535:
+            raise ServerConfigError(
+                f"--http-port: must be in -1..65535 (-1 = off), got {self.http_port}"
+            )
+        if self.served_model_name is not None and not self.served_model_name.strip():
+            raise ServerConfigError("--served-model-name: must not be blank")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ServerConfigError("--tls-cert and --tls-key: give both or neither")
         for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
@@ -74,6 +83,8 @@ class ServerConfig:
             port=args.port,
             metrics_host=args.metrics_host,
             metrics_port=args.metrics_port,
+            http_port=args.http_port,
+            served_model_name=args.served_model_name,
             api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
@@ -89,6 +100,8 @@ def check_ports_free(cfg: ServerConfig) -> None:
     A probe bind (SO_REUSEADDR, as grpc binds) then released; the real bind still checks.
     """
     probes = [("--port", cfg.host, cfg.port)]
+    if cfg.http_port > 0:
+        probes.append(("--http-port", cfg.host, cfg.http_port))
     if cfg.metrics_port > 0:
         probes.append(("--metrics-port", cfg.metrics_host or cfg.host, cfg.metrics_port))
     for flag, host, port in probes:
@@ -116,6 +129,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_PORT,
         help=f"gRPC port (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=DEFAULT_HTTP_PORT,
+        help=f"OpenAI-compatible HTTP port on --host (default {DEFAULT_HTTP_PORT}; "
+        "0 picks a free one; -1 turns it off)",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name HTTP clients send and /v1/models lists (default: the model's "
+        "own name, e.g. SmolLM2-135M-Instruct.Q4_1)",
     )
     g.add_argument(
         "--metrics-host", default=None, help="address of the Prometheus endpoint (default: --host)"

@@ -1,4 +1,4 @@
-"""`kvserve-server`: the gRPC server binary (same as `kvserve serve`)."""
+"""`kvserve-server`: the server binary, gRPC and HTTP (same as `kvserve serve`)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kvserve-server", description="Serve a model over gRPC (kvserve.v1)."
+        prog="kvserve-server", description="Serve a model over gRPC (kvserve.v1) and the OpenAI HTTP API."
     )
     add_serve_args(parser)
     return parser

@@ -19,6 +19,7 @@ KVSERVE_SERVE = ("kvserve.cli", "serve")
 KVSERVE_SERVER = ("kvserve.server.main",)  # the kvserve-server console script
 _LISTEN = re.compile(r"kvserve gRPC listening on (\S+):(\d+) ")
 _METRICS = re.compile(r"kvserve metrics on (http://\S+/metrics)")
+_HTTP = re.compile(r"kvserve HTTP listening on (https?://\S+) ")
 
 
 # `python -m MODULE ARGS`, except that on Linux the server is killed when the process that
@@ -33,7 +34,8 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 
 @dataclass
 class ServerProcess:
-    """`python -m kvserve.cli serve --port 0 --metrics-port 0 ARGS`, ports read from its log.
+    """`python -m kvserve.cli serve --port 0 --metrics-port 0 --http-port 0 ARGS`, ports read
+    from its log (a flag in ARGS overrides these).
 
     `command` picks the entry point: KVSERVE_SERVE or KVSERVE_SERVER (the same server).
     """
@@ -45,6 +47,7 @@ class ServerProcess:
     proc: subprocess.Popen[str] | None = None
     port: int = 0
     metrics_url: str = ""
+    http_url: str = ""  # e.g. http://127.0.0.1:PORT (OpenAI base URL: http_url + "/v1")
     lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
 
@@ -61,6 +64,8 @@ class ServerProcess:
             "--port",
             "0",
             "--metrics-port",
+            "0",
+            "--http-port",
             "0",
             *self.args,
         ]
@@ -85,7 +90,13 @@ class ServerProcess:
                 self.port = int(m.group(2))
             if m := _METRICS.search(line):
                 self.metrics_url = m.group(1)
-            if self.port and (self.metrics_url or "--metrics-port" in self.args):
+            if m := _HTTP.search(line):
+                self.http_url = m.group(1)
+            if (
+                self.port
+                and (self.metrics_url or _flag(self.args, "--metrics-port") == "-1")
+                and (self.http_url or _flag(self.args, "--http-port") == "-1")
+            ):
                 self._ready.set()
 
     def log(self) -> str:
@@ -143,6 +154,17 @@ class ServerProcess:
             self.stop()
         finally:
             self.kill()
+
+
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The last value given for a flag (argparse's rule), or None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
 
 
 def write_self_signed(directory: Path, host: str = "localhost") -> tuple[Path, Path]:

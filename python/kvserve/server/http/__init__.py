@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front (FastAPI on uvicorn) beside the gRPC service."""
