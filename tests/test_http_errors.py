@@ -135,7 +135,7 @@ CHAT_400 = [
     ({"tool_choice": "auto"}, "tool_choice"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"logit_bias": {"5": 1}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
     ({"parallel_tool_calls": True}, "parallel_tool_calls"),
     ({"store": True}, "store"),
     ({"frobnicate": 1}, "frobnicate"),

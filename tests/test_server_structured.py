@@ -83,3 +83,74 @@ def test_bad_spec_is_invalid_argument_naming_the_field(
     assert reason == pb.FINISH_REASON_STOP and text in ("yes", "no")
     load = stub.GetLoad(pb.GetLoadRequest(), timeout=10)
     assert load.running == load.waiting == 0 and load.num_used_gpu_blocks == 0
+
+
+# ---- the same through the OpenAI HTTP front: response_format ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: ServerProcess) -> Iterator[object]:
+    import openai
+
+    with openai.OpenAI(base_url=f"{server.http_url}/v1", api_key="unused", max_retries=0) as c:
+        yield c
+
+
+def _model(client: object) -> str:
+    return next(iter(client.models.list())).id  # type: ignore[attr-defined]
+
+
+def test_response_format_json_schema_over_http(openai_client: object) -> None:
+    model = _model(openai_client)
+    for seed in range(3):
+        reply = openai_client.chat.completions.create(  # type: ignore[attr-defined]
+            model=model, messages=[{"role": "user", "content": "a city"}], temperature=1.0,
+            seed=seed, max_tokens=160, response_format={
+                "type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}})
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", choice.message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    # completions take it too
+    reply = openai_client.completions.create(  # type: ignore[attr-defined]
+        model=model, prompt="hello", temperature=1.0, seed=11, max_tokens=160,
+        extra_body={"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "city", "schema": SCHEMA}}})
+    assert reply.choices[0].finish_reason == "stop", reply.choices[0].text
+    jsonschema.validate(json.loads(reply.choices[0].text), SCHEMA)
+
+
+def test_response_format_json_object_over_http(openai_client: object) -> None:
+    # a random model's object may not close within max_tokens: what it wrote is then a prefix
+    # of a JSON object (a closed one must parse), which unmasked sampling never writes
+    for seed in range(3):
+        reply = openai_client.chat.completions.create(  # type: ignore[attr-defined]
+            model=_model(openai_client), messages=[{"role": "user", "content": "hi"}],
+            temperature=1.0, seed=seed, max_tokens=24, response_format={"type": "json_object"})
+        choice = reply.choices[0]
+        text = choice.message.content
+        assert text.lstrip().startswith("{"), text
+        if choice.finish_reason == "stop":
+            assert isinstance(json.loads(text), dict)
+        else:
+            with pytest.raises(json.JSONDecodeError) as err:
+                json.loads(text)
+            assert err.value.pos == len(text) or "Unterminated" in err.value.msg, text
+
+
+@pytest.mark.parametrize("fmt", [
+    {"type": "json_schema", "json_schema": {"name": "x",
+                                            "schema": {"type": "integer", "minimum": 9,
+                                                       "maximum": 1}}},
+    {"type": "json_schema", "json_schema": {"name": "x"}},
+    {"type": "xml"},
+])
+def test_bad_response_format_is_400_naming_it(openai_client: object, fmt: dict) -> None:
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(  # type: ignore[attr-defined]
+            model=_model(openai_client), messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8, response_format=fmt)
+    assert info.value.status_code == 400
+    param = info.value.body.get("param") if isinstance(info.value.body, dict) else None
+    assert param is not None and param.startswith("response_format"), info.value.body

@@ -7,7 +7,14 @@ from typing import Any, cast
 
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.http.errors import APIError, bad_request
-from kvserve.server.http.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from kvserve.server.http.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    JsonObjectResponseFormat,
+    JsonSchemaResponseFormat,
+)
+from kvserve.structured_output import StructuredOutput
 
 # fields named the same on both sides, copied when the client set them
 _SAME_NAME = (
@@ -82,6 +89,16 @@ def to_engine_input(req: ChatCompletionRequest | CompletionRequest) -> EngineInp
             token_ids = [int(t) for t in cast("list[int]", p)]  # a str is handled above
             if not token_ids:
                 raise bad_request("prompt: must not be empty", "prompt")
+    fmt = req.response_format
+    if isinstance(fmt, JsonObjectResponseFormat):
+        kwargs["structured"] = StructuredOutput(json_object=True)
+    elif isinstance(fmt, JsonSchemaResponseFormat):
+        if not fmt.json_schema.schema_:
+            raise bad_request(
+                "response_format.json_schema.schema: must be a non-empty JSON schema",
+                "response_format",
+            )
+        kwargs["structured"] = StructuredOutput(json_schema=fmt.json_schema.schema_)
     try:
         params = SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -106,4 +123,6 @@ def sampling_error(exc: Exception) -> APIError:
     """SamplingParams names a field "SamplingParams.top_p ..."; the body calls it "top_p"."""
     text = str(exc).removeprefix("SamplingParams.")
     param = text.split(" ", 1)[0].rstrip(":")
+    if param.split(".", 1)[0] == "structured":  # the body's name for the spec
+        return bad_request(text, "response_format")
     return bad_request(text, param if param.isidentifier() else None)

@@ -49,6 +49,31 @@ class TextResponseFormat(_Strict):
     type: Literal["text"]
 
 
+class JsonObjectResponseFormat(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    name: Annotated[str, Field(max_length=64)] = "schema"
+    description: str | None = None
+    # "schema" is a BaseModel attribute, hence the alias
+    schema_: Annotated[dict[str, Any], Field(alias="schema")] = Field(default_factory=dict)
+    strict: bool | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaResponseFormat(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[
+    TextResponseFormat | JsonObjectResponseFormat | JsonSchemaResponseFormat,
+    Field(discriminator="type"),
+]
+
+
 class _Sampling(_Strict):
     """The fields chat and completions share, OpenAI's and kvserve's own (extra body)."""
 
@@ -74,6 +99,8 @@ class _Sampling(_Strict):
     return_token_ids: bool = Field(
         False, description="add the generated token ids to each choice (kvserve)"
     )
+    # structured outputs: the output is JSON (any object, or valid against a schema)
+    response_format: ResponseFormat | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -94,8 +121,6 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
-    # only "text" until structured outputs are wired in; anything else is refused
-    response_format: TextResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
