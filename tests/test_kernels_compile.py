@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvserve.kernels import compiler
-from kvserve.kernels.ops import DECODE_CONFIG, PREFILL_CONFIG, AttnConfig
+from kvserve.kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, AttnConfig
 
 
 def _nvrtc_reason() -> str | None:
@@ -45,7 +45,7 @@ def _has_report(log: str) -> bool:
 @needs_nvrtc
 def test_every_source_is_covered() -> None:
     sources = sorted(p.name for p in compiler.SOURCE_DIR.glob("*.cu"))
-    assert sources == ["cache_write.cu", "fused_ops.cu", "paged_attention.cu",
+    assert sources == ["cache_write.cu", "decoder_kernels.cu", "paged_attention.cu",
                        "paged_prefill_sm90.cu", "paged_prefill_sm90_ws.cu"]
 
 
@@ -95,14 +95,14 @@ def test_attention_compiles_for_group_sizes(tmp_path, monkeypatch, gqa) -> None:
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("stages,pipeline", [(2, 0), (3, 0), (3, 1)], ids=["st2", "st3", "pipe"])
+@pytest.mark.parametrize("stages", [2, 3], ids=["st2", "st3"])
 @pytest.mark.parametrize("bf16", [1, 0], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("gqa", [1, 4, 8])
 def test_sm90_prefill_compiles_without_spills(
-    tmp_path, monkeypatch, gqa, bf16, stages, pipeline
+    tmp_path, monkeypatch, gqa, bf16, stages
 ) -> None:
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    defines = {"GQA": gqa, "KV_BF16": bf16, "PIPELINE": pipeline, "STAGES": stages}
+    defines = {"GQA": gqa, "KV_BF16": bf16, "STAGES": stages}
     k = compiler.compile_source("paged_prefill_sm90.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
     # wgmma is sm_90a-only: ptxas would also say here if it had to serialise the wgmmas.
@@ -115,13 +115,15 @@ def test_sm90_prefill_compiles_without_spills(
 @pytest.mark.parametrize("bf16", [1, 0], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("gemv_m", [1, 2, 4, 8])
 @pytest.mark.parametrize("prologue", [0, 1, 2], ids=["plain", "add_norm", "silu_mul"])
-def test_fused_ops_compile_without_spills(tmp_path, monkeypatch, bf16, gemv_m, prologue) -> None:
-    from kvserve.kernels import fused
+def test_decoder_kernels_compile_without_spills(
+    tmp_path, monkeypatch, bf16, gemv_m, prologue
+) -> None:
+    from kvserve.kernels import decoder_kernels
 
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
-    defines = {"BF16": bf16, "GEMV_M": gemv_m, "GEMV_UNROLL": fused.GEMV_UNROLL,
+    defines = {"BF16": bf16, "GEMV_M": gemv_m, "GEMV_UNROLL": decoder_kernels.GEMV_UNROLL,
                "PROLOGUE": prologue}
-    k = compiler.compile_source("fused_ops.cu", "sm_90a", defines)
+    k = compiler.compile_source("decoder_kernels.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
     if _has_report(k.log):
         for fn in ("add_rms_norm", "silu_mul", "rope_qkv", "gemv", "argmax_partial",
@@ -147,7 +149,6 @@ def test_sm90_ws_prefill_compiles_without_spills(
     # more than that would be a regression.
     monkeypatch.setenv("KVSERVE_KERNEL_CACHE", str(tmp_path))
     defines = {"GQA": gqa, "KV_BF16": bf16, "QBUF": qbuf, "STAGES": stages, "VSTAGES": vstages}
-    defines["PROF"] = 0
     k = compiler.compile_source("paged_prefill_sm90_ws.cu", "sm_90a", defines)
     assert k.cubin[:4] == b"\x7fELF"
     assert "serialized" not in k.log and "C7508" not in k.log, k.log

@@ -1,6 +1,6 @@
 """Attention kernel benchmark on one GPU (not a test): kvserve kernels vs torch SDPA.
 
-Run: PYTHONPATH=python python benches/gpu/bench_attention.py [--json out.json] [--quick]
+Run: python benches/gpu/bench_attention.py [--json out.json] [--quick] (or benches/gpu/run.sh bench)
 
 Prints a table and writes JSON. Decode rates count the K and V bytes actually read; prefill
 rates count causal FLOPs (4 * q_heads * head_dim * attended (query, key) pairs). Ceilings are
@@ -23,19 +23,17 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvserve.kernels import ops
+from kvserve.kernels import prefill_sm90
+from kvserve.kernels.paged_attention import (
+    DECODE_CONFIG,
+    PREFILL_CONFIG,
+    AttnConfig,
+    paged_attention,
+)
+from kvserve.kernels.paged_kv import PagedKV
 
 DT = torch.bfloat16
 L2_BYTES = 50 * 2**20
-
-# ws kernel variants timed beside ws at its defaults (prefill variant rows, and the
-# interleaved A/B of benches/gpu/sm90_ws_variants.py). run_prefill_sm90_gpu.sh smoke-checks
-# each first and leaves out those that fail or hang (--skip-variants). (The consumer switches
-# measured in session 3 are folded into the kernel: benches/RESULTS.md.)
-SM90_WS_SWITCH_VARIANTS: dict[str, dict] = {
-    "ws-v3": {"kernel": "ws", "ws_vstages": 3},  # not a switch: the V ring one stage deeper
-}
-
 
 @dataclass
 class Row:
@@ -132,7 +130,7 @@ def paged_cache(
 
 
 def bench_decode(
-    b: int, ctx: int, layout: str, cfg: ops.AttnConfig, hq: int = 32, hkv: int = 8, d: int = 128
+    b: int, ctx: int, layout: str, cfg: AttnConfig, hq: int = 32, hkv: int = 8, d: int = 128
 ) -> float:
     gen = torch.Generator(device="cuda").manual_seed(b * 7 + ctx)
     kv_bytes = 2 * b * ctx * hkv * d * 2
@@ -144,18 +142,13 @@ def bench_decode(
         out = torch.empty_like(q)
         qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        sets.append((q, kc, vc, table, qsl, lens, out))
+        sets.append((q, PagedKV(kc, vc, layout, table, qsl, lens), out))
 
     def call(s):
-        q, kc, vc, table, qsl, lens, out = s
-        return lambda: ops.paged_attention(
+        q, kv, out = s
+        return lambda: paged_attention(
             q,
-            kc,
-            vc,
-            layout,
-            table,
-            qsl,
-            lens,
+            kv,
             out,
             d**-0.5,
             seq_begin=0,
@@ -200,30 +193,26 @@ def bench_prefill(
     new: int,
     ctx: int,
     layout: str,
-    cfg: ops.AttnConfig | dict,
+    cfg: AttnConfig | dict,
     hq: int,
     hkv: int,
     d: int = 128,
 ) -> float:
     """ms of one prefill launch; cfg an AttnConfig (mma.sync) or keyword arguments of
-    ops.paged_prefill_sm90 (the Hopper kernels: kernel "v1"/"ws" and their options)."""
+    prefill_sm90.paged_prefill_sm90 (the Hopper kernels: kernel "v1" or "ws")."""
     gen = torch.Generator(device="cuda").manual_seed(b * 13 + new)
     kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen)
     q = torch.randn(b * new, hq, d, device="cuda", dtype=DT, generator=gen)
     out = torch.empty_like(q)
     qsl = torch.arange(0, b * new + 1, new, device="cuda", dtype=torch.int32)
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    kv = PagedKV(kc, vc, layout, table, qsl, lens)
     if isinstance(cfg, dict):  # the Hopper wgmma kernels
         return graph_time_ms(
             [
-                lambda: ops.paged_prefill_sm90(
+                lambda: prefill_sm90.paged_prefill_sm90(
                     q,
-                    kc,
-                    vc,
-                    layout,
-                    table,
-                    qsl,
-                    lens,
+                    kv,
                     out,
                     d**-0.5,
                     seq_begin=0,
@@ -235,14 +224,9 @@ def bench_prefill(
         )
     return graph_time_ms(
         [
-            lambda: ops.paged_attention(
+            lambda: paged_attention(
                 q,
-                kc,
-                vc,
-                layout,
-                table,
-                qsl,
-                lens,
+                kv,
                 out,
                 d**-0.5,
                 seq_begin=0,
@@ -274,27 +258,6 @@ def bench_sdpa_prefill(b: int, new: int, ctx: int, backend, hq: int, d: int = 12
     return graph_time_ms([f])
 
 
-A = ops.AttnConfig
-DECODE_VARIANTS = [
-    A(16, 2, 1, 4),  # the default
-    A(32, 3, 1, 4),
-    A(16, 3, 1, 4),
-    A(32, 2, 1, 4),
-    A(16, 4, 1, 4),
-]
-PREFILL_VARIANTS = [
-    A(64, 2, 4, 1, 2),  # the default
-    A(64, 2, 4, 1, 1),
-    A(64, 2, 8, 1, 1),
-    A(48, 3, 4, 1, 2),
-    A(32, 3, 4, 1, 2),
-]
-
-
-def cfg_name(c: ops.AttnConfig) -> str:
-    return f"bn{c.bn} st{c.stages} wm{c.warps_m} wn{c.warps_n} mt{c.mt}"
-
-
 def causal_pairs(new: int, ctx: int) -> int:
     prefix = ctx - new
     return new * prefix + new * (new + 1) // 2
@@ -306,16 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default="bench_attention.json")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
-    ap.add_argument("--variants", action="store_true", help="also time alternative tilings")
-    ap.add_argument("--variants-only", action="store_true", help="only the alternative tilings")
     ap.add_argument("--prefill-only", action="store_true", help="no decode shapes")
     ap.add_argument("--no-mma", action="store_true", help="prefill: no mma.sync kernel rows")
-    ap.add_argument("--no-variants", action="store_true", help="no Hopper kernel variant rows")
-    ap.add_argument(
-        "--skip-variants",
-        default="",
-        help="comma-separated SM90_WS_SWITCH_VARIANTS names to leave out (failed smoke checks)",
-    )
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -350,7 +305,7 @@ def main() -> None:
 
     batches = [1, 64] if args.quick else [1, 16, 64, 256]
     ctxs = [4096] if args.quick else [512, 4096, 16384]
-    if args.variants_only or args.prefill_only:
+    if args.prefill_only:
         batches, ctxs = [], []
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     for b in batches:
@@ -358,7 +313,7 @@ def main() -> None:
             shape = f"b{b} ctx{ctx} 32q/8kv d128"
             kv_bytes = 2 * b * ctx * 8 * 128 * 2
             for layout in ("HND", "NHD"):
-                ms = bench_decode(b, ctx, layout, ops.DECODE_CONFIG)
+                ms = bench_decode(b, ctx, layout, DECODE_CONFIG)
                 add("decode", shape, f"kvserve paged {layout}", ms, kv_bytes)
             for name, be in (
                 ("sdpa flash", SDPBackend.FLASH_ATTENTION),
@@ -370,16 +325,14 @@ def main() -> None:
                 else:
                     print(f"decode   {shape:28s} {name:22s} n/a ({err})", flush=True)
 
-    prefill_shapes = (
-        [] if args.variants_only else [(8, 4096, 4096), (1, 2048, 8192), (4, 2048, 8192)]
-    )
+    prefill_shapes = [(8, 4096, 4096), (1, 2048, 8192), (4, 2048, 8192)]
     for b, new, ctx in prefill_shapes:
         flops = 4 * 32 * 128 * b * causal_pairs(new, ctx)
         shape = f"b{b} new{new} ctx{ctx} h32 d128"
         for hkv in (32, 8):
             for layout in ("HND", "NHD") if hkv == 8 else ("HND",):
                 if not args.no_mma:
-                    ms = bench_prefill(b, new, ctx, layout, ops.PREFILL_CONFIG, 32, hkv)
+                    ms = bench_prefill(b, new, ctx, layout, PREFILL_CONFIG, 32, hkv)
                     add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout}", ms, flops)
                 if sm90:
                     # Both Hopper kernels at their defaults: v1 (paged_prefill_sm90.cu) and
@@ -397,86 +350,6 @@ def main() -> None:
                 add("prefill", shape, f"{name} dense 32q", ms, flops)
             else:
                 print(f"prefill  {shape:28s} {name:22s} n/a ({err})", flush=True)
-
-    if args.variants or args.variants_only:
-        # Alternative tilings; the defaults in kvserve.kernels.ops come from these rows.
-        for cfg in DECODE_VARIANTS:
-            for b, ctx in ((64, 4096), (16, 4096), (1, 16384), (16, 512), (64, 512), (256, 512)):
-                ms, err = safe(bench_decode, b, ctx, "HND", cfg)
-                shape = f"b{b} ctx{ctx} 32q/8kv d128"
-                if ms is not None:
-                    add(
-                        "decode",
-                        shape,
-                        f"variant {cfg_name(cfg)}",
-                        ms,
-                        2 * b * ctx * 8 * 128 * 2,
-                        cfg=asdict(cfg),
-                    )
-                else:
-                    print(f"variant {cfg} failed: {err}")
-        for cfg in PREFILL_VARIANTS:
-            flops = 4 * 32 * 128 * 8 * causal_pairs(4096, 4096)
-            ms, err = safe(bench_prefill, 8, 4096, 4096, "HND", cfg, 32, 8)
-            if ms is not None:
-                add(
-                    "prefill",
-                    "b8 new4096 ctx4096 h32 d128",
-                    f"variant {cfg_name(cfg)}",
-                    ms,
-                    flops,
-                    cfg=asdict(cfg),
-                )
-            else:
-                print(f"variant {cfg} failed: {err}")
-
-    if sm90 and not args.no_variants and (args.variants or args.variants_only or args.prefill_only):
-        # The Hopper kernels' variants; the defaults in kvserve.kernels.ops come from these.
-        sm90_variants = {
-            "v1 st2": {"kernel": "v1", "stages": 2, "pipelined": False},
-            "v1 st3": {"kernel": "v1", "stages": 3, "pipelined": False},
-            "v1 st3 pipelined": {"kernel": "v1", "stages": 3, "pipelined": True},
-            "ws st2 q2 persistent": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2},
-            "ws st2 q2 persistent static": {
-                "kernel": "ws",
-                "ws_stages": 2,
-                "ws_qbuf": 2,
-                "dynamic": False,
-            },
-            "ws st2 v3 q2 persistent": {
-                "kernel": "ws",
-                "ws_stages": 2,
-                "ws_vstages": 3,
-                "ws_qbuf": 2,
-            },
-            "ws st2 q2 grid": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": False},
-            "ws st2 q1 persistent": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 1},
-            "ws st3 q1 persistent": {
-                "kernel": "ws",
-                "ws_stages": 3,
-                "ws_vstages": 3,
-                "ws_qbuf": 1,
-            },
-        }
-        skip = {s for s in args.skip_variants.split(",") if s}
-        sm90_variants.update({k: v for k, v in SM90_WS_SWITCH_VARIANTS.items() if k not in skip})
-        # The default again, last: how far the clock / thermal state drifted over the rows.
-        sm90_variants["ws st2 q2 persistent (again)"] = {"kernel": "ws"}
-        for name, kw in sm90_variants.items():
-            for hkv in (8, 32):
-                flops = 4 * 32 * 128 * 8 * causal_pairs(4096, 4096)
-                ms, err = safe(bench_prefill, 8, 4096, 4096, "HND", kw, 32, hkv)
-                if ms is not None:
-                    add(
-                        "prefill",
-                        f"b8 new4096 ctx4096 32q/{hkv}kv d128",
-                        f"variant {name}",
-                        ms,
-                        flops,
-                        **kw,
-                    )
-                else:
-                    print(f"variant {name} failed: {err}")
 
     meta = {
         "device": dev,

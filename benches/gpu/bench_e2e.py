@@ -13,9 +13,7 @@ Not a test. One run prints a table and writes JSON:
 
     python benches/gpu/bench_e2e.py --out bench_out/e2e.json [--layers 32] [--enforce-eager]
 
---ab "name:ATTR=v,ATTR=v;name2:..." (with --ab-rounds R) instead times the batch-1 step of
-each variant in this one process: the named model/fused_ops.py switches are set, the decode
-graphs re-captured, and the variants cycled R times (interleaved, so drift hits all alike).
+(or benches/gpu/run.sh bench, which runs it beside the attention benchmark).
 """
 
 from __future__ import annotations
@@ -199,55 +197,10 @@ def kvserve_decode(runner, core, cfg, batch: int, args) -> dict:
         "step_ms": step_s * 1e3,
         "tokens_per_s": batch / step_s,
         "weight_bytes": weight_bytes,
-        "param_bytes": all_params,  # the metric before 2026-11-26 counted all of these
+        "param_bytes": all_params,  # every parameter, the embedding table whole
         "kv_bytes": kv_bytes,
         "bytes_per_s": (weight_bytes + kv_bytes) / step_s,
         "flops_per_s": flops / step_s,
-    }
-
-
-def parse_ab(spec: str) -> dict[str, dict[str, int]]:
-    """ "base:GEMV_EVEN_GRID=0;qkv:GEMV_EVEN_GRID=1" -> {name: {attr: value}} (attributes of
-    model/fused_ops.py)."""
-    out = {}
-    for part in filter(None, spec.split(";")):
-        name, _, assigns = part.partition(":")
-        pairs = (a.split("=") for a in filter(None, assigns.split(",")))
-        out[name] = {attr: int(value) for attr, value in pairs}
-    return out
-
-
-def ab_decode(runner, core, cfg, args, variants: dict[str, dict[str, int]], copy_bw: float
-              ) -> dict:
-    """b1 step ms of each variant, cycled args.ab_rounds times with re-captured graphs."""
-    from kvserve.model import fused_ops
-
-    saved = {a: getattr(fused_ops, a) for v in variants.values() for a in v}
-    steps: dict[str, list[float]] = {name: [] for name in variants}
-    row = {}
-    try:
-        for _ in range(args.ab_rounds):
-            for name, attrs in variants.items():
-                for a, v in saved.items():
-                    setattr(fused_ops, a, attrs.get(a, v))
-                if runner.graphs is not None:
-                    runner.graphs.graphs.clear()
-                    torch.cuda.synchronize()
-                    runner.graphs.capture()
-                row = kvserve_decode(runner, core, cfg, 1, args)
-                steps[name].append(row["step_ms"])
-                print(f"  {name}: {row['step_ms']:.3f} ms", flush=True)
-    finally:
-        for a, v in saved.items():
-            setattr(fused_ops, a, v)
-    nbytes = row["weight_bytes"] + row["kv_bytes"]
-    return {
-        "bytes": nbytes,
-        "goal_ms": nbytes / (0.9 * copy_bw) * 1e3,
-        "variants": {name: {"switches": variants[name], "step_ms": steps[name],
-                            "median_ms": float(np.median(steps[name])),
-                            "mbu": nbytes / (float(np.median(steps[name])) * 1e-3) / copy_bw}
-                     for name in variants},
     }
 
 
@@ -271,13 +224,8 @@ def main() -> None:
         help="a tiny fp32 model on the CPU: checks the script, measures nothing",
     )
     p.add_argument("--kv-cache-memory", type=int, default=64 << 20, help="CPU only")
-    p.add_argument("--ab", default="", help="b1 A/B of fused_ops switches (see the docstring)")
-    p.add_argument("--ab-rounds", type=int, default=3)
     args = p.parse_args()
-    if args.ab:
-        args.batches, args.skip_hf = "1", True
     args.batches = [int(b) for b in args.batches.split(",")]
-    from kvserve.model import fused_ops
 
     shapes = {**LLAMA3_8B, "num_hidden_layers": args.layers}
     if args.smoke_cpu:
@@ -308,19 +256,6 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
-    if args.ab:
-        res = ab_decode(runner, core, cfg, args, parse_ab(args.ab), copy_bw)
-        res.update(card=card, copy_bytes_per_s=copy_bw, layers=args.layers, ctx=args.ctx)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=2))
-        print(f"\nA/B b1 ({card}, copy {copy_bw / 1e12:.2f} TB/s, {res['bytes'] / 1e9:.2f} GB "
-              f"a step; 90% = {res['goal_ms']:.3f} ms)")
-        for name, v in res["variants"].items():
-            runs = " ".join(f"{t:.3f}" for t in v["step_ms"])
-            print(f"{name:>14} median {v['median_ms']:.3f} ms  MBU {v['mbu']:.1%}  [{runs}]")
-        return
-
     rows = []
     for b in args.batches:
         r = kvserve_decode(runner, core, cfg, b, args)
@@ -343,8 +278,6 @@ def main() -> None:
                 "ctx": args.ctx,
                 "enforce_eager": args.enforce_eager,
                 "backend": runner.backend.name,
-                "fused_ops": fused_ops.ENABLED,
-                "gemv_max_rows": fused_ops.GEMV_MAX_ROWS,
                 "rows": rows,
             },
             indent=2,
@@ -352,8 +285,7 @@ def main() -> None:
     )
     print(
         f"\nkvserve decode, Llama-3-8B shapes ({args.layers} layers), ctx {args.ctx}, "
-        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}, "
-        f"fused ops {fused_ops.ENABLED}, gemv rows <= {fused_ops.GEMV_MAX_ROWS}"
+        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}"
     )
     print(
         f"{'batch':>5} {'step ms':>8} {'tok/s':>9} {'GB/s':>7} {'MBU':>6} {'TFLOP/s':>8} "

@@ -21,7 +21,9 @@ if not torch.cuda.is_available():
 from bench_attention import causal_pairs, paged_cache
 from bench_e2e import LLAMA3_8B, build_hf, build_kvserve, step
 
-from kvserve.kernels import ops
+from kvserve.kernels import prefill_sm90
+from kvserve.kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, paged_attention
+from kvserve.kernels.paged_kv import PagedKV
 
 HQ, HKV, D = 32, 8, 128
 
@@ -42,23 +44,19 @@ def test_paged_decode_attention(benchmark, batch: int, ctx: int) -> None:
     out = torch.empty_like(q)
     qsl = torch.arange(batch + 1, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    kv = PagedKV(kc, vc, "HND", table, qsl, lens)
 
     def call() -> None:
-        ops.paged_attention(
+        paged_attention(
             q,
-            kc,
-            vc,
-            "HND",
-            table,
-            qsl,
-            lens,
+            kv,
             out,
             D**-0.5,
             seq_begin=0,
             seq_end=batch,
             max_query_len=1,
             max_seq_len=ctx,
-            config=ops.DECODE_CONFIG,
+            config=DECODE_CONFIG,
         )
 
     benchmark.pedantic(_synced(call), rounds=30, iterations=5, warmup_rounds=2)
@@ -74,27 +72,17 @@ def test_paged_prefill_attention(benchmark, batch: int, new: int, ctx: int) -> N
     out = torch.empty_like(q)
     qsl = torch.arange(0, batch * new + 1, new, device="cuda", dtype=torch.int32)
     lens = torch.full((batch,), ctx, device="cuda", dtype=torch.int32)
+    kv = PagedKV(kc, vc, "HND", table, qsl, lens)
     common = {"seq_begin": 0, "seq_end": batch, "max_query_len": new}
-    if ops.sm90_prefill_supported(q, out):
+    if prefill_sm90.supported(q, out):
 
         def call() -> None:
-            ops.paged_prefill_sm90(q, kc, vc, "HND", table, qsl, lens, out, D**-0.5, **common)
+            prefill_sm90.paged_prefill_sm90(q, kv, out, D**-0.5, **common)
     else:
 
         def call() -> None:
-            ops.paged_attention(
-                q,
-                kc,
-                vc,
-                "HND",
-                table,
-                qsl,
-                lens,
-                out,
-                D**-0.5,
-                max_seq_len=ctx,
-                config=ops.PREFILL_CONFIG,
-                **common,
+            paged_attention(
+                q, kv, out, D**-0.5, max_seq_len=ctx, config=PREFILL_CONFIG, **common
             )
 
     benchmark.pedantic(_synced(call), rounds=10, iterations=3, warmup_rounds=1)

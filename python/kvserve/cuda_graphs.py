@@ -8,7 +8,7 @@ host-side value that changes between steps, so the capture uses max_model_len as
 sequence's host-side length bound and the kernels read the true lengths on the device.
 
 Run-ahead (greedy decode): the host's work between two steps (read the tokens, commit,
-schedule, upload, launch) leaves the GPU idle ~0.1 ms a step. When every sampled row is
+schedule, upload, launch) leaves the GPU idle between steps. When every sampled row is
 greedy (the caller says so) and no row's next position starts a new block, `run` launches
 the next step right behind this one: a small kernel turns this step's inputs into the next
 one's on the device (the argmax as input id, every position and slot one on), then the same
@@ -19,13 +19,12 @@ normally and the run-ahead results are dropped. That is safe because a run-ahead
 writes K/V only to the slot after each row's last, inside a block the row still holds
 (never a full block, so never one in the prefix cache); a row that ended meanwhile frees
 that block only on the host, after the write is queued, and any later owner writes a slot
-before it reads it. `KVSERVE_DECODE_AHEAD=0` turns it off.
+before it reads it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,11 +32,13 @@ import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.model import fused_ops
+from kvserve.model import decoder_ops
 
 log = logging.getLogger(__name__)
 _MAX_TABLE_UPLOAD = 1 << 20  # bytes of whole block-table rows worth one upload per step
-RUN_AHEAD = os.environ.get("KVSERVE_DECODE_AHEAD", "1") != "0"
+# Greedy decode steps are launched ahead (module docstring) while this holds; tests turn it
+# off to compare the tokens against plain steps.
+RUN_AHEAD = True
 
 
 @dataclass
@@ -125,7 +126,7 @@ class DecodeGraphs:
         hidden = self.model(self.input_ids[:bs], self.positions[:bs], self._meta(bs),
                             self.kv_caches)
         logits = self.model.compute_logits(hidden)
-        return logits, fused_ops.greedy(logits)
+        return logits, decoder_ops.greedy(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -180,14 +181,14 @@ class DecodeGraphs:
         if not (greedy_only and RUN_AHEAD and self._may_run_ahead(plan)):
             self.last_greedy = greedy[:n]
             return logits[:n]  # a decode-only step samples every row, in order
-        from kvserve.kernels import fused  # CUDA only; imported where it runs
+        from kvserve.kernels import decoder_kernels  # CUDA only; imported where it runs
 
         # This step's tokens to the host before the next replay overwrites them, then the
         # next step, its inputs advanced on the device.
         self._h_greedy[:n].copy_(greedy[:n], non_blocking=True)
         self._greedy_copied.record()
-        fused.advance_decode(self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs],
-                             self.seq_lens[:bs], greedy)
+        decoder_kernels.advance_decode(self.input_ids[:bs], self.positions[:bs],
+                                       self.slot_mapping[:bs], self.seq_lens[:bs], greedy)
         graph.replay()
         self._greedy_copied.synchronize()
         tokens = self._h_greedy[:n].numpy().copy()

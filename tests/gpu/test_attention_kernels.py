@@ -13,7 +13,14 @@ from kernel_ref import (
     ref_cache_write,
 )
 
-from kvserve.kernels import ops
+from kvserve.kernels.cache_write import cache_write
+from kvserve.kernels.paged_attention import (
+    DECODE_CONFIG,
+    PREFILL_CONFIG,
+    AttnConfig,
+    paged_attention,
+)
+from kvserve.kernels.paged_kv import PagedKV
 
 
 @pytest.fixture(autouse=True)
@@ -29,19 +36,14 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _run_attention(b: Batch, cfg: ops.AttnConfig, num_splits: int | None = None) -> torch.Tensor:
+def _run_attention(b: Batch, cfg: AttnConfig, num_splits: int | None = None) -> torch.Tensor:
     """Write the cache, then attend all sequences with one launch of ``cfg``; output poisoned."""
-    ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, b.layout)
+    cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, b.layout)
     out = torch.full_like(b.q, float("nan"))
     m = b.meta
-    ops.paged_attention(
+    paged_attention(
         b.q,
-        b.k_cache,
-        b.v_cache,
-        b.layout,
-        m.block_table,
-        m.query_start_loc,
-        m.seq_lens,
+        b.paged_kv(),
         out,
         b.q.shape[-1] ** -0.5,
         seq_begin=0,
@@ -80,7 +82,7 @@ def test_cache_write_matches_indexing(layout, dtype, head_dim, block_size) -> No
         gen=_gen(rng.randint(0, 10**6)),
     )
     want_k, want_v = ref_cache_write(b)
-    ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, layout)
+    cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, layout)
     assert torch.equal(b.k_cache, want_k) and torch.equal(b.v_cache, want_v)
 
 
@@ -101,7 +103,7 @@ def test_cache_write_from_strided_qkv_views() -> None:
     k, v = qkv[:, 8:10], qkv[:, 10:12]
     b.k, b.v = k, v
     want_k, want_v = ref_cache_write(b)
-    ops.cache_write(k, v, b.k_cache, b.v_cache, b.meta.slot_mapping, "NHD")
+    cache_write(k, v, b.k_cache, b.v_cache, b.meta.slot_mapping, "NHD")
     assert torch.equal(b.k_cache, want_k) and torch.equal(b.v_cache, want_v)
 
 
@@ -142,7 +144,7 @@ def test_decode_matches_reference(case) -> None:
         layout=layout,
         gen=_gen(batch + ctx),
     )
-    _check(b, _run_attention(b, ops.DECODE_CONFIG))
+    _check(b, _run_attention(b, DECODE_CONFIG))
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 7, 64, 250])
@@ -160,7 +162,7 @@ def test_decode_split_kv_merge(num_splits) -> None:
         layout="HND",
         gen=_gen(num_splits),
     )
-    _check(b, _run_attention(b, ops.DECODE_CONFIG, num_splits=num_splits))
+    _check(b, _run_attention(b, DECODE_CONFIG, num_splits=num_splits))
 
 
 def test_decode_shared_prefix_blocks() -> None:
@@ -176,7 +178,7 @@ def test_decode_shared_prefix_blocks() -> None:
         shared_prefix_blocks=40,
         gen=_gen(11),
     )
-    _check(b, _run_attention(b, ops.DECODE_CONFIG))
+    _check(b, _run_attention(b, DECODE_CONFIG))
 
 
 # ---------------------------------------------------------------- prefill
@@ -218,12 +220,12 @@ def test_prefill_matches_reference(case) -> None:
         shared_prefix_blocks=shared,
         gen=_gen(len(specs) * 7 + d),
     )
-    _check(b, _run_attention(b, ops.PREFILL_CONFIG))
+    _check(b, _run_attention(b, PREFILL_CONFIG))
 
 
 # The default prefill tiling (two m-tiles per warp, Q in smem) and the one-m-tile tiling
 # (Q in registers).
-PREFILL_TILINGS = [ops.PREFILL_CONFIG, ops.AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=1)]
+PREFILL_TILINGS = [PREFILL_CONFIG, AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=1)]
 
 
 @pytest.mark.parametrize("cfg", PREFILL_TILINGS, ids=lambda c: f"bn{c.bn}-wm{c.warps_m}-mt{c.mt}")
@@ -263,52 +265,38 @@ def test_bad_inputs_name_the_field() -> None:
     )
     m = b.meta
     with pytest.raises(ValueError, match="slot_mapping"):
-        ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping.int(), "NHD")
+        cache_write(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping.int(), "NHD")
     with pytest.raises(ValueError, match="layout"):
-        ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping, "XYZ")
+        cache_write(b.k, b.v, b.k_cache, b.v_cache, m.slot_mapping, "XYZ")
     out = torch.empty_like(b.q)
     kw = {
         "seq_begin": 0,
         "seq_end": 1,
         "max_query_len": 4,
         "max_seq_len": 40,
-        "config": ops.PREFILL_CONFIG,
+        "config": PREFILL_CONFIG,
     }
     with pytest.raises(ValueError, match="block_table"):
-        ops.paged_attention(
+        paged_attention(
             b.q,
-            b.k_cache,
-            b.v_cache,
-            "NHD",
-            m.block_table.long(),
-            m.query_start_loc,
-            m.seq_lens,
+            PagedKV(b.k_cache, b.v_cache, "NHD", m.block_table.long(), m.query_start_loc,
+                    m.seq_lens),
             out,
             0.1,
             **kw,
         )
     with pytest.raises(ValueError, match="dtype"):
-        ops.paged_attention(
+        paged_attention(
             b.q.float(),
-            b.k_cache,
-            b.v_cache,
-            "NHD",
-            m.block_table,
-            m.query_start_loc,
-            m.seq_lens,
+            b.paged_kv(),
             out,
             0.1,
             **kw,
         )
     with pytest.raises(ValueError, match="heads"):
-        ops.paged_attention(
+        paged_attention(
             b.q[:, :7],
-            b.k_cache,
-            b.v_cache,
-            "NHD",
-            m.block_table,
-            m.query_start_loc,
-            m.seq_lens,
+            b.paged_kv(),
             out[:, :7],
             0.1,
             **kw,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -18,7 +19,8 @@ from kernel_ref import (
 )
 
 from kvserve.attention.cuda import CudaAttentionBackend
-from kvserve.kernels import ops
+from kvserve.kernels import prefill_sm90
+from kvserve.kernels.cache_write import cache_write
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
@@ -41,23 +43,18 @@ def _gen(seed: int) -> torch.Generator:
 def _run(b: Batch, variant: dict | None = None, poison_tail: bool = False) -> torch.Tensor:
     """Write the step's K/V, then one wgmma launch over all sequences; output NaN-poisoned.
 
-    ``variant``: keyword arguments of ops.paged_prefill_sm90 (kernel and its configuration);
+    ``variant``: keyword arguments of prefill_sm90.paged_prefill_sm90 (kernel and its rings);
     None: the shipped defaults. ``poison_tail``: the cache slots past each context in its
     last block (never written by the step) are set to NaN first; no kernel may let them in.
     """
-    ops.cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, b.layout)
+    cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, b.layout)
     if poison_tail:
         _poison_tail(b)
     out = torch.full_like(b.q, float("nan"))
     m = b.meta
-    ops.paged_prefill_sm90(
+    prefill_sm90.paged_prefill_sm90(
         b.q,
-        b.k_cache,
-        b.v_cache,
-        b.layout,
-        m.block_table,
-        m.query_start_loc,
-        m.seq_lens,
+        b.paged_kv(),
         out,
         b.q.shape[-1] ** -0.5,
         seq_begin=0,
@@ -108,32 +105,16 @@ CASES = [
 ]
 
 
-# Every compiled variant: the first kernel's loops (stages, pipelined) and the
-# warp-specialised kernel's (K/V stages, Q buffers, persistent with the dynamic (atomic
-# counter) or static schedule, or one CTA per item; a grid capped at 3 CTAs walks many items
-# per CTA through the mbarrier rings).
+# Every compiled variant: the first kernel's ring depth and the warp-specialised kernel's
+# (K/V stages, Q buffers; a grid capped at 3 CTAs walks many items per CTA through the
+# mbarrier rings).
 VARIANTS = {
-    "v1-st2": {"kernel": "v1", "stages": 2, "pipelined": False},
-    "v1-st3": {"kernel": "v1", "stages": 3, "pipelined": False},
-    "v1-pipe": {"kernel": "v1", "stages": 3, "pipelined": True},
-    "ws-st2q2": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": True},
-    "ws-st2q2-static": {
-        "kernel": "ws",
-        "ws_stages": 2,
-        "ws_qbuf": 2,
-        "persistent": True,
-        "dynamic": False,
-    },
+    "v1-st2": {"kernel": "v1", "stages": 2},
+    "v1-st3": {"kernel": "v1", "stages": 3},
+    "ws-st2q2": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2},
     "ws-st2v3q2": {"kernel": "ws", "ws_stages": 2, "ws_vstages": 3, "ws_qbuf": 2},
-    "ws-st2q2-grid": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 2, "persistent": False},
     "ws-st3q1": {"kernel": "ws", "ws_stages": 3, "ws_vstages": 3, "ws_qbuf": 1},
-    "ws-st2q1-3ctas": {
-        "kernel": "ws",
-        "ws_stages": 2,
-        "ws_qbuf": 1,
-        "persistent": True,
-        "max_ctas": 3,
-    },
+    "ws-st2q1-3ctas": {"kernel": "ws", "ws_stages": 2, "ws_qbuf": 1, "max_ctas": 3},
 }
 WS_VARIANTS = [k for k in VARIANTS if k.startswith("ws")]
 
@@ -234,7 +215,7 @@ def test_sm90_ws_matches_v1_on_bench_shape(variant) -> None:
 
 @pytest.mark.parametrize(
     "variant",
-    ["v1-st2", "ws-st2q2", "ws-st2q2-static", "ws-st2q1-3ctas"],
+    ["v1-st2", "ws-st2q2", "ws-st2q1-3ctas"],
 )
 def test_sm90_prefill_is_repeatable(variant) -> None:
     # Also: the dynamic scheduler's counter is re-armed by each launch for the next.
@@ -254,11 +235,35 @@ def test_sm90_prefill_is_repeatable(variant) -> None:
         assert torch.equal(_run(b, VARIANTS[variant]), first)
 
 
+def test_sm90_ws_static_schedule_under_capture_equals_dynamic() -> None:
+    # Under CUDA-graph capture a stream without a scheduler counter yet gets the static
+    # schedule (item = blockIdx.x + k * gridDim.x): same items, so the same output bits.
+    b = make_batch(
+        [(6000, 3000), (4000, 2000), (900, 900)],
+        hkv=8,
+        group=4,
+        head_dim=128,
+        dtype=torch.bfloat16,
+        block_size=16,
+        layout="HND",
+        gen=_gen(11),
+    )
+    want = _run(b, VARIANTS["ws-st2q2"])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=torch.cuda.Stream()):
+        got = _run(b, VARIANTS["ws-st2q2"])
+    for _ in range(2):
+        got.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 def test_sm90_prefill_rejects_unsupported_head_dim() -> None:
     b = make_batch(
         [(40, 40)], hkv=2, group=4, head_dim=64, dtype=torch.bfloat16, block_size=16, layout="NHD"
     )
-    assert not ops.sm90_prefill_supported(b.q, b.q)
+    assert not prefill_sm90.supported(b.q, b.q)
     with pytest.raises(ValueError, match="head_dim 128"):
         _run(b)
 
@@ -266,10 +271,13 @@ def test_sm90_prefill_rejects_unsupported_head_dim() -> None:
 @pytest.mark.parametrize("kernel", ["v1", "ws"])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
 def test_backend_with_sm90_prefill_matches_reference(layout, kernel, monkeypatch) -> None:
-    # The backend path that dispatches prefills to a Hopper kernel, forced on; decodes come
+    # The backend path that dispatches prefills to a Hopper kernel (each forced); decodes come
     # first, so the prefill launch starts at seq_begin > 0.
-    monkeypatch.setattr(ops, "SM90_PREFILL_ENABLED", True)
-    monkeypatch.setattr(ops, "SM90_PREFILL_KERNEL", kernel)
+    monkeypatch.setattr(
+        prefill_sm90,
+        "paged_prefill_sm90",
+        functools.partial(prefill_sm90.paged_prefill_sm90, kernel=kernel),
+    )
     rng = random.Random(layout)
     decodes = [(rng.randint(1, 5000), 1) for _ in range(rng.randint(1, 20))]
     prefills = [(n + rng.choice([0, rng.randint(1, 2000)]), n) for n in (300, 1, 77, 1500)]

@@ -12,6 +12,8 @@ __all__ = ["AttentionBackend", "AttentionMetadata", "get_backend"]
 
 log = logging.getLogger(__name__)
 BACKENDS = ("torch", "cuda")
+# What a CUDA machine needs for the cuda backend (pyproject.toml's `cuda` extra).
+CUDA_INSTALL_HINT = "pip install 'kvserve[cuda]' (cuda-bindings, NVRTC and the CUDA headers)"
 
 
 def get_backend(name: str | None, device: torch.device | str) -> AttentionBackend:
@@ -28,13 +30,15 @@ def get_backend(name: str | None, device: torch.device | str) -> AttentionBacken
         try:
             return _cuda()
         except Exception as exc:
-            raise RuntimeError(f"attention_backend: the 'cuda' backend failed to load: {exc}"
-                               ) from exc
+            raise RuntimeError(f"attention_backend: the 'cuda' backend failed to load: {exc}; "
+                               f"{CUDA_INSTALL_HINT}") from exc
     if device.type == "cuda":
         try:
             return _cuda()
         except Exception as exc:  # noqa: BLE001 -- any import/compile failure: use torch
-            log.warning("attention: cuda backend unavailable (%s); using the torch backend", exc)
+            log.warning("attention: the cuda backend cannot run on %s (%s); using the torch "
+                        "backend, which is much slower; to use cuda: %s", device, exc,
+                        CUDA_INSTALL_HINT)
     return _torch()
 
 

@@ -3,11 +3,11 @@
 A step's batch is decodes first, then prefills: the decode part runs the decode tiling
 (GQA heads of one token per warp, split-KV when the batch is small), the prefill part the
 prefill tiling; both are the same kernel source. On sm_90 with head_dim 128 the prefill part
-can go to the wgmma kernel instead (paged_prefill_sm90.cu, when ops.SM90_PREFILL_ENABLED).
+goes to the Hopper kernels instead (kernels/prefill_sm90.py).
 No host synchronisation: host-side sizes come from meta's *_cpu tensors and ints.
-On sm_90 the cache write and the decode part launch with programmatic dependent launch
-(kernels.fused.PDL_ATTENTION, KVSERVE_PDL_ATTN); kv_written=True skips the cache write
-(the fused rope_qkv kernel already stored k and v).
+On sm_90 the cache write and the decode part launch with programmatic dependent launch;
+kv_written=True skips the cache write (rope_qkv in kernels/decoder_kernels.py already
+stored k and v).
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ from __future__ import annotations
 import torch
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.kernels import fused, ops
+from kvserve.kernels import prefill_sm90
+from kvserve.kernels.cache_write import cache_write
 from kvserve.kernels.launcher import CudaUnavailableError, cuda_unavailable_reason
+from kvserve.kernels.paged_attention import DECODE_CONFIG, PREFILL_CONFIG, paged_attention
+from kvserve.kernels.paged_kv import LAYOUTS, PagedKV
 
-# Chosen by measurement on H100 (docs/architecture.md, "Kernels"; benches/RESULTS.md).
+# Both layouts measured equal (docs/architecture.md, "KV layout"; benches/RESULTS.md).
 DEFAULT_LAYOUT = "HND"
 
 
@@ -32,8 +35,8 @@ class CudaAttentionBackend:
         reason = cuda_unavailable_reason()
         if reason is not None:
             raise CudaUnavailableError(f"the cuda attention backend cannot run here: {reason}")
-        if layout not in ops.LAYOUTS:
-            raise ValueError(f"layout must be one of {ops.LAYOUTS}, got {layout!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         # griddepcontrol exists from sm_90 on; elsewhere the kernels launch plainly.
         self._pdl_arch = torch.cuda.get_device_capability()[0] >= 9
@@ -56,9 +59,9 @@ class CudaAttentionBackend:
         scale: float,
         kv_written: bool = False,
     ) -> torch.Tensor:
-        pdl = fused.PDL_ATTENTION and self._pdl_arch
+        pdl = self._pdl_arch
         if not kv_written:
-            ops.cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout, pdl=pdl)
+            cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout, pdl=pdl)
         if q.stride(2) != 1 or q.stride(0) % 8 or q.stride(1) % 8 or q.data_ptr() % 16:
             q = q.contiguous()  # the prefill tiling copies Q rows with 16-byte cp.async
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -66,48 +69,42 @@ class CudaAttentionBackend:
         n_real = int(meta.query_start_loc_cpu[ns]) if ns else 0
         if n_real < q.shape[0]:
             out[n_real:].zero_()  # padding rows (slot -1) get defined values
-        common = {
-            "k_cache": k_cache,
-            "v_cache": v_cache,
-            "layout": self.layout,
-            "block_table": meta.block_table,
-            "query_start_loc": meta.query_start_loc,
-            "seq_lens": meta.seq_lens,
-            "out": out,
-            "scale": scale,
-        }
+        kv = PagedKV(
+            k_cache, v_cache, self.layout, meta.block_table, meta.query_start_loc, meta.seq_lens
+        )
         if nd:
-            ops.paged_attention(
+            paged_attention(
                 q,
+                kv,
+                out,
+                scale,
                 seq_begin=0,
                 seq_end=nd,
                 max_query_len=1,
                 max_seq_len=int(meta.seq_lens_cpu[:nd].max()),
-                config=ops.DECODE_CONFIG,
+                config=DECODE_CONFIG,
                 first_token=0,
                 pdl=pdl,
-                **common,
             )
-        use_sm90 = (
-            ops.SM90_PREFILL_ENABLED
-            and meta.max_query_len > 1  # 1-token chunks keep the split-KV path
-            and ops.sm90_prefill_supported(q, out)
-        )
-        if ns > nd and use_sm90:
-            # Hopper wgmma kernel: only where measured correct and faster (kernels/ops.py).
-            ops.paged_prefill_sm90(
-                q, seq_begin=nd, seq_end=ns, max_query_len=meta.max_query_len, **common
+        if ns == nd:
+            return out
+        if meta.max_query_len > 1 and prefill_sm90.supported(q, out):
+            # 1-token chunks keep the split-KV path below.
+            prefill_sm90.paged_prefill_sm90(
+                q, kv, out, scale, seq_begin=nd, seq_end=ns, max_query_len=meta.max_query_len
             )
-        elif ns > nd:
-            ops.paged_attention(
+        else:
+            paged_attention(
                 q,
+                kv,
+                out,
+                scale,
                 seq_begin=nd,
                 seq_end=ns,
                 max_query_len=meta.max_query_len,
                 max_seq_len=meta.max_seq_len,
-                config=ops.PREFILL_CONFIG,
+                config=PREFILL_CONFIG,
                 # A prefill part of 1-token chunks may still split; partials index from here.
                 first_token=int(meta.query_start_loc_cpu[nd]),
-                **common,
             )
         return out

@@ -7,7 +7,6 @@ needs beyond generate's own come from `add_remote_args(parser)`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, TextIO
 
 import grpc
 
+from kvserve import env
 from kvserve.server.config import API_KEY_ENV
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
@@ -118,7 +118,7 @@ def generate_remote(
         request = build_request(prompt=prompt, sampling=sampling)
     out = sys.stdout if out is None else out  # looked up now: tests swap sys.stdout
     err = sys.stderr if err is None else err
-    api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    api_key = api_key if api_key is not None else env.api_key()
     if echo_prompt:
         out.write(prompt)
     with open_channel(server, tls=tls, root_cert=root_cert) as channel:

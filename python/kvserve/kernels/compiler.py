@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from kvserve import env
+
 SOURCE_DIR = Path(__file__).parent / "cuda"
 
 
@@ -75,10 +77,7 @@ def include_dirs() -> tuple[str, ...]:
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("KVSERVE_KERNEL_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvserve" / "kernels"
+    return env.kernel_cache_dir()
 
 
 _LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"$', re.MULTILINE)

@@ -1,4 +1,8 @@
-"""Loading cubins into PyTorch's CUDA context and launching kernels on its current stream."""
+"""Loading cubins into PyTorch's CUDA context and launching kernels on its current stream.
+
+Shared by every launcher: load_kernel, Kernel.launch (plain, or with programmatic dependent
+launch), and the device queries that size grids (sm_count, ctas_per_sm).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import ctypes
 import threading
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 
 from .compiler import compile_source
 
-# One CUDA driver-call failure: the message names the kernel and the call.
+# Launches that may use programmatic dependent launch (launch(..., pdl=True)) do so while
+# this holds; tests turn it off to compare a chain of kernels against plain launches.
+PDL = True
 
 
 class KernelLaunchError(RuntimeError):
@@ -103,28 +110,77 @@ class Kernel:
         grid: tuple[int, int, int],
         block: tuple[int, int, int],
         args: list[tuple[object, type]],
+        pdl: bool = False,
     ) -> None:
+        """Enqueue on torch's current stream (read now, so launches join graph capture).
+
+        pdl (and PDL): programmatic stream serialisation, so the kernel may start before its
+        predecessor ends; it must griddepcontrol.wait before it reads that one's outputs
+        (every thread, before any early return). Plain pointer/int/float arguments only.
+        Works under CUDA-graph capture (the capture records a programmatic edge).
+        """
         driver = _driver()
         _ensure_context(self.device_index)
         if min(grid) <= 0:
             return  # nothing to do (empty batch part)
-        # Read at call time so launches join torch.cuda.graph capture and user streams.
         stream = driver.CUstream(torch.cuda.current_stream(self.device_index).cuda_stream)
         values = tuple(a for a, _ in args)
         types = tuple(t for _, t in args)
+        if pdl and PDL:
+            cfg = driver.CUlaunchConfig()
+            cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+            cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block
+            cfg.sharedMemBytes = self.dynamic_smem
+            cfg.hStream = stream
+            cfg.attrs = [_pdl_attribute()]
+            cfg.numAttrs = 1
+            (err,) = driver.cuLaunchKernelEx(cfg, self.function, (values, types), 0)
+            _check(err, "cuLaunchKernelEx", self.name)
+            return
         params: object = (values, types)
         if any(issubclass(t, ctypes.Structure) for t in types):
             # A struct passed by value (a 128-byte CUtensorMap): build the void** array
             # ourselves; the driver copies each argument at launch, so locals suffice.
-            storage = [
-                t.from_buffer_copy(v) if issubclass(t, ctypes.Structure) else t(v) for v, t in args
-            ]
+            storage: list[Any] = []
+            for v, t in args:
+                ctype: Any = t
+                storage.append(ctype.from_buffer_copy(v) if issubclass(t, ctypes.Structure)
+                               else ctype(v))
             ptrs = (ctypes.c_void_p * len(storage))(*(ctypes.addressof(s) for s in storage))
             params = ctypes.addressof(ptrs)
         (err,) = driver.cuLaunchKernel(
             self.function, *grid, *block, self.dynamic_smem, stream, params, 0
         )
         _check(err, "cuLaunchKernel", self.name)
+
+
+@cache
+def _pdl_attribute():
+    driver = _driver()
+    attr = driver.CUlaunchAttribute()
+    attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    return attr
+
+
+@cache
+def sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+_OCCUPANCY: dict[tuple[int, int], int] = {}
+
+
+def ctas_per_sm(kernel: Kernel, threads: int) -> int:
+    """Resident CTAs of ``kernel`` per SM at ``threads`` threads (its dynamic shared memory)."""
+    key = (id(kernel), threads)
+    if key not in _OCCUPANCY:
+        err, n = _driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            kernel.function, threads, kernel.dynamic_smem
+        )
+        _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor", kernel.name)
+        _OCCUPANCY[key] = max(int(n), 1)
+    return _OCCUPANCY[key]
 
 
 @cache

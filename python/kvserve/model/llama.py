@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
-from kvserve.model import fused_ops as ops
+from kvserve.model import decoder_ops as ops
 from kvserve.model.config import ModelConfig
 from kvserve.model.rope import RotaryEmbedding
 
@@ -51,9 +51,9 @@ class Attention(nn.Module):
         """(attention output, residual + x): the input norm runs here, fused into qkv_proj."""
         qkv, residual = ops.norm_linear(x, residual, norm, self.qkv_proj, fused, role="qkv")
         layout = getattr(self.backend, "layout", None)
-        if fused and ops.ROPE_CACHE_WRITE and layout is not None:
+        if fused and layout is not None:
             # rope_qkv stores k/v in the cache itself; the (cuda) backend skips its write.
-            from kvserve.kernels.fused import CacheTarget
+            from kvserve.kernels.decoder_kernels import CacheTarget
 
             target = CacheTarget(cache[0], cache[1], meta.slot_mapping, layout)
             q, k, v = ops.rope_qkv(qkv, rope, self.num_heads, self.num_kv_heads,
@@ -118,7 +118,7 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # Fused kernels (model/fused_ops.py) where the cuda backend runs; decided per forward
+        # The decoder-op kernels (model/decoder_ops.py) where the cuda backend runs; decided per forward
         # from the tensors' device, since the model is built on meta and moved afterwards.
         self.fusable = getattr(backend, "name", "") == "cuda"
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-API_KEY_ENV = "KVSERVE_API_KEY"
+from kvserve import env
+
+API_KEY_ENV = env.API_KEY
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9400
 DEFAULT_HTTP_PORT = 8000
@@ -85,7 +86,7 @@ class ServerConfig:
             metrics_port=args.metrics_port,
             http_port=args.http_port,
             served_model_name=args.served_model_name,
-            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
+            api_key=args.api_key if args.api_key is not None else env.api_key(),
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             max_message_bytes=args.max_message_bytes,

@@ -3,7 +3,7 @@
 // One thread moves one 16-byte chunk of one (token, kv head) row of K and of V; the copy is
 // dtype-agnostic (2-byte elements), so one compiled kernel serves bf16 and fp16.
 //
-// Programmatic dependent launch (kernels/ops.py, pdl=True on the decode path): every thread
+// Programmatic dependent launch (kernels/cache_write.py, pdl=True on the decode path): every thread
 // lets the next kernel launch, then waits for its predecessor (the one that wrote k and v)
 // before any read or write; launched without the PDL attribute both are no-ops. The wait comes
 // before the bounds return so the grid never completes ahead of its predecessor (a later

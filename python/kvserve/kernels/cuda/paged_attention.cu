@@ -15,8 +15,8 @@
 // arrive by 16-byte cp.async into XOR-swizzled shared memory (conflict-free ldmatrix),
 // STAGES deep. Online softmax in the log2 domain (scale * log2(e) folded into S).
 //
-// Programmatic dependent launch (PDL; kernels/ops.py launches the decode path so when
-// KVSERVE_PDL_ATTN is on): both kernels let their successor launch at once and wait
+// Programmatic dependent launch (PDL; the cuda backend launches the decode path so on
+// sm_90): both kernels let their successor launch at once and wait
 // (griddepcontrol.wait) for their predecessor before reading anything, every thread before any
 // early return, so each grid completes only after its predecessor did (a successor's wait
 // covers the whole chain). Launched without the PDL attribute (prefill, eager tests) the two

@@ -1,8 +1,8 @@
 // Paged (chunked) prefill for Hopper (sm_90a): warpgroup MMA (wgmma) from 128B-swizzled
 // shared memory. Same inputs and semantics as paged_attention.cu's prefill tiling (causal,
 // bottom-right aligned: new token i of a sequence with L tokens sees keys 0..L-qlen+i),
-// head_dim 128 only; the cuda backend uses it for prefills on sm_90, where it measured
-// 1.6-1.8x faster (benches/RESULTS.md).
+// head_dim 128 only; the cuda backend uses it for prefills on sm_90 where the ws kernel
+// cannot address the cache (benches/RESULTS.md has both kernels' figures).
 //
 // A CTA owns BM = 128 packed query rows of one sequence and one KV head (packed row r =
 // new token r / GQA, query head kv_head*GQA + r % GQA: GQA heads share every K/V load) and
@@ -19,8 +19,7 @@
 // The output goes back through shared memory (each warpgroup's own Q rows, no longer read)
 // as 16-byte coalesced stores.
 //
-// Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), GQA, STAGES (2 or 3),
-// PIPELINE (1: softmax of tile i overlaps the P V product of tile i-1; needs STAGES 3).
+// Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), GQA, STAGES (2 or 3).
 
 #include "sm90_wgmma.cuh"
 
@@ -134,12 +133,10 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90(
     const int row = wg_row0 + warp * 16 + gid + h * 8;
     lim[h] = row < nrows ? prefix + row / G : -1;
   }
-#if !PIPELINE
   // Last tile with a key visible to this warpgroup (-1: all its rows are padding).
   const bool wg_active = wg_row0 < nrows;
   const int wg_last_key = wg_active ? prefix + (min(wg_row0 + 64, nrows) - 1) / G : -1;
   const int wg_last_tile = wg_active ? wg_last_key / BN : -1;
-#endif
   const int wg_min_lim = prefix + wg_row0 / G;
   const bool wg_has_pad = wg_row0 + 64 > nrows;
 
@@ -239,65 +236,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90(
     }
   };
 
-#if PIPELINE
-  // Software-pipelined: iteration `it` issues S(it) and then O += P(it-1) V(it-1) back to
-  // back, runs the softmax of S(it) while the tensor cores do the P V product, and issues
-  // the copy of tile it+1 behind the MMAs. Tiles it-1, it and it+1 are live: 3 stages.
-  // One barrier per tile: after it every thread has finished iteration it-1, so the stage
-  // of tile it-2 can be refilled. Both warpgroups run every tile (a tile past a warpgroup's
-  // causal bound is all masked): wgmma issue stays on non-divergent paths, which ptxas
-  // needs to keep the MMAs asynchronous.
-  static_assert(STAGES == 3, "the pipelined loop needs 3 stages");
-  load_tile(0, 0);  // ntiles >= 1: every valid row sees key 0
-  cp_async_commit();
-  {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-    wgmma_fence();
-    issue_s(kv_s);
-    wgmma_commit();
-    if (ntiles > 1) load_tile(1, 1);
-    cp_async_commit();
-    wgmma_wait<0>();
-    fence_regs(s);
-    float alpha[2];
-    softmax(0, alpha);
-    rescale_and_pack(alpha);
-  }
-  for (int it = 1; it < ntiles; ++it) {
-    cp_async_wait<0>();  // tile `it` (this thread's copies)
-    fence_proxy_async();
-    __syncthreads();
-    const u32 ks = kv_s + (it % STAGES) * STAGE_BYTES;
-    const u32 prev_vs = kv_s + ((it - 1) % STAGES) * STAGE_BYTES + KV_TILE_BYTES;
-    fence_regs(o);
-    wgmma_fence();
-    issue_s(ks);
-    wgmma_commit();
-    issue_pv(prev_vs);
-    wgmma_commit();
-    if (it + 1 < ntiles) load_tile(it + 1, (it + 1) % STAGES);
-    cp_async_commit();
-    wgmma_wait<1>();
-    fence_regs(s);
-    float alpha[2];
-    softmax(it * BN, alpha);
-    wgmma_wait<0>();
-    fence_regs(o);
-    fence_pa();
-    rescale_and_pack(alpha);
-  }
-  fence_regs(o);
-  wgmma_fence();
-  issue_pv(kv_s + ((ntiles - 1) % STAGES) * STAGE_BYTES + KV_TILE_BYTES);
-  wgmma_commit();
-  wgmma_wait<0>();
-  fence_regs(o);
-  fence_pa();
-  cp_async_wait<0>();
-  __syncthreads();  // all wgmma reads of Q done before the epilogue reuses it
-#else
 #pragma unroll
   for (int st_i = 0; st_i < STAGES - 1; ++st_i) {
     if (st_i < ntiles) load_tile(st_i, st_i);
@@ -331,7 +269,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90(
     __syncthreads();  // the stage is refilled STAGES-1 iterations later
   }
   cp_async_wait<0>();
-#endif
 
   // ---- normalise, stage bf16/fp16 rows in this warpgroup's Q rows (no longer read),
   // then 16-byte coalesced stores.

@@ -30,10 +30,8 @@
 // Output: straight from the accumulator registers (4-byte stores; quads fill 16 bytes).
 //
 // Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), GQA, STAGES (K ring, 2 or 3),
-// VSTAGES (V ring, 2 or 3), QBUF (1 or 2: Q buffers), PROF (consumer cycle counters for
-// benches/gpu/profile_prefill_sm90.py --waits). What made it fast (benches/RESULTS.md,
-// "Prefill, warp-specialised Hopper kernel", Session 3, where each was measured as a switch
-// before the switches were folded in): a warp-uniform role branch (see wgi), wgmma
+// VSTAGES (V ring, 2 or 3), QBUF (1 or 2: Q buffers). What made it fast (benches/RESULTS.md,
+// "Prefill, warp-specialised Hopper kernel"): a warp-uniform role branch (see wgi), wgmma
 // descriptors as a word + constants (see desc_lo), a running max that moves only by > 8
 // (see the softmax) and the cross-item overlap above. Slower variants measured and removed:
 // tree reductions in the softmax, packed bf16x2 ex2, the O rescale under the next S product.
@@ -53,9 +51,6 @@ constexpr int Q_LOADERS = 64;  // producer warps 2-3
 
 #ifndef VSTAGES
 #define VSTAGES STAGES
-#endif
-#ifndef PROF
-#define PROF 0
 #endif
 static_assert(STAGES >= 2 && STAGES <= 3 && VSTAGES >= 2 && VSTAGES <= 3, "2 or 3 stages");
 static_assert(QBUF >= 1 && QBUF <= 2, "QBUF must be 1 or 2");
@@ -158,8 +153,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
     int box_shift,  // log2(rows per TMA box) = min(block_shift, 7)
     int nhd,  // tensor map dims: 0 (HND) [dim, token, head, block]; 1 (NHD) [dim, head, token, block]
     int n_qtiles, int kv_heads, int num_items, float scale_log2,
-    int* __restrict__ sched,  // null: static schedule; else {next item, CTAs done}, zeroed
-    long long* __restrict__ prof) {  // PROF builds: consumer-warp cycle counters (else unused)
+    int* __restrict__ sched) {  // null: static schedule; else {next item, CTAs done}, zeroed
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) u64 bars[2 * STAGES + 2 * VSTAGES + 2 * QBUF];
   __shared__ Item items_s[QBUF];  // the item whose Q sits in each buffer (ntiles 0: the end)
@@ -325,22 +319,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
     };
 
     int g = 0;  // tiles consumed so far (ring positions)
-#if PROF
-    // Cycles spent per consumer warp: [0] K/V full waits, [1] ping-pong barrier, [2] S wait,
-    // [3] softmax, [4] P V wait, [5] whole loop, [6] tiles.
-    long long prof_acc[7] = {0, 0, 0, 0, 0, 0, 0};
-    const long long prof_start = clock64();
-    long long prof_t0 = 0, prof_t1 = 0;
-#define PROF_TIC prof_t0 = clock64()
-#define PROF_TOC(i) prof_acc[i] += clock64() - prof_t0
-#define PROF_TIC2 prof_t1 = clock64()
-#define PROF_TOC2(i) prof_acc[i] += clock64() - prof_t1
-#else
-#define PROF_TIC
-#define PROF_TOC(i)
-#define PROF_TIC2
-#define PROF_TOC2(i)
-#endif
     // The current item and what the softmax and the GEMM issue derive from it (reassigned
     // when the next item is taken: while this item's last P V is in flight).
     int nq = 0;  // items taken so far (Q buffer positions)
@@ -525,13 +503,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
       for (int j = 1; j < it.ntiles; ++j) {
         const int st = (g + j) % STAGES;
         const int sp = (g + j - 1) % VSTAGES;
-        PROF_TIC;
         mbar_wait(full_k(st), ((g + j) / STAGES) & 1);
         mbar_wait(full_v(sp), ((g + j - 1) / VSTAGES) & 1);
-        PROF_TOC(0);
-        PROF_TIC2;
         sched_sync();
-        PROF_TOC2(1);
         fence_regs(o);
         wgmma_fence();
         issue_s(k_s + st * TILE_BYTES);
@@ -539,20 +513,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
         issue_pv(v_s + sp * TILE_BYTES);
         wgmma_commit();
         sched_arrive();
-        PROF_TIC;
         wgmma_wait<1>();
         fence_regs(s);
-        PROF_TOC(2);
         release(empty_k(st));
         float alpha[2];
-        PROF_TIC2;
         softmax(j * BN, alpha);
-        PROF_TOC2(3);
-        PROF_TIC;
         wgmma_wait<0>();
         fence_regs(o);
         fence_pa();
-        PROF_TOC(4);
         release(empty_v(sp));
         rescale_and_pack(alpha);
       }
@@ -578,9 +546,6 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
         named_sync(3 + cw, 128);
       }
       g += cur.ntiles;
-#if PROF
-      prof_acc[6] += cur.ntiles;
-#endif
       ++nq;
       // The next item's Q is normally in its buffer already (the Q loaders run QBUF items
       // ahead): its first S product goes into the tensor pipe with this item's last P V,
@@ -625,13 +590,5 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_prefill_sm90_ws(
       release(empty_v(sp));
       epilogue(cur, l_cur);
     }
-#if PROF
-    prof_acc[5] = clock64() - prof_start;
-    if (lane == 0 && prof != nullptr) {
-      for (int i = 0; i < 7; ++i)
-        atomicAdd(reinterpret_cast<unsigned long long*>(prof) + i,
-                  static_cast<unsigned long long>(prof_acc[i]));
-    }
-#endif
   }
 }

@@ -1,10 +1,11 @@
-// The small per-layer ops of the decoder, fused, plus a GEMV for few-row linear layers.
+// The small per-layer ops of the decoder, each one kernel, plus a GEMV for few-row linear
+// layers, an argmax over the logits and the decode run-ahead's input advance.
 //
-// At batch 1 a decode step reads ~15 GB of weights in ~5 ms; every extra launch inside the
+// At batch 1 a decode step is bound by reading the weights; every extra launch inside the
 // captured graph costs a few microseconds on top, so the ~30 elementwise torch ops of a layer
 // (RMSNorm in fp32, residual adds, RoPE, SiLU*mul) become four kernels here.
 //
-// Rounding follows the torch reference step by step (model/fused_ops.py): every place torch
+// Rounding follows the torch reference step by step (model/decoder_ops.py): every place torch
 // rounds to the model dtype, these kernels round too (explicit __float2*_rn, never an FMA
 // across a rounding), so results equal the torch path bit for bit except where torch
 // reduces in another order (the RMS sum, the GEMV dot products) or uses another exp (SiLU).
@@ -155,7 +156,7 @@ extern "C" __global__ void silu_mul(const elem_t* __restrict__ gu, i64 gu_stride
 // With slot_mapping non-null the rotated k and the v rows are also stored into the paged
 // cache (k_cache/v_cache, element strides of block, token, head: NHD or HND alike) at
 // slot_mapping[t] (slot = block * block_size + offset; negative = padding row, not stored),
-// exactly what ops.cache_write would store from k_out/v_out; the backend then skips it
+// exactly what cache_write.cu would store from k_out/v_out; the backend then skips it
 // (kv_written), saving a launch and a dependent step per layer.
 
 
@@ -240,7 +241,7 @@ extern "C" __global__ void rope_qkv(const elem_t* __restrict__ qkv, i64 qkv_stri
 //
 // Programmatic dependent launch: the weight rows depend on no earlier kernel, so the first
 // weight loads are issued before griddepcontrol.wait; launched with programmatic stream
-// serialisation (kernels/fused.py) the GEMV prefetches while its predecessor drains.
+// serialisation (kernels/launcher.py) the GEMV prefetches while its predecessor drains.
 // Without that launch attribute both griddepcontrol instructions do nothing.
 
 #ifndef GEMV_M

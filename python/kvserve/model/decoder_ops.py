@@ -2,59 +2,35 @@
 
 The model calls these functions with a `fused` flag it decides per forward (its backend is
 the cuda one and `use_fused_kernels` holds for the tensors); the torch versions are the
-definitions the kernels in kernels/cuda/fused_ops.cu must equal (tests/gpu/test_fused_ops.py).
-ENABLED turns the kernels off everywhere (e.g. to compare against the torch path on the same
-device).
-
-Environment switches (read at import; "0" turns one off; on by default unless said):
-- KVSERVE_FUSED_OPS: all fused kernels (ENABLED).
-- KVSERVE_GEMV_MAX_ROWS=n: nn.Linear of up to n rows on the GEMV kernel (default 1).
-- KVSERVE_PDL (kernels/fused.py PDL): programmatic dependent launch for fused_ops.cu kernels.
-- KVSERVE_PDL_ATTN (kernels/fused.py PDL_ATTENTION; off also when KVSERVE_PDL=0): the cuda
-  backend's cache_write, decode paged_attention and merge_splits launch with PDL on sm_90, so
-  the o_proj GEMV that follows streams its weights while attention runs.
-- KVSERVE_ROPE_CACHE_WRITE (ROPE_CACHE_WRITE): on the fused path rope_qkv also stores the
-  rotated k and v in the layer's paged cache and the backend skips its cache_write
-  (kv_written=True): one launch and one dependent step less per layer.
-- KVSERVE_GEMV_EVEN_GRID=mask (GEMV_EVEN_GRID; default 1 = qkv only): the GEMVs of these
-  roles (1 qkv, 2 o_proj, 4 gate_up, 8 down, 16 lm_head) launch as few CTAs as give every
-  warp equally many columns, instead of one full wave with a ragged last column round
-  (qkv: 384 CTAs x 8 warps x 2 columns instead of 528 CTAs, 45% of warps with a 2nd
-  column). Same values either way; qkv alone measured ~0.03 ms faster at b1 on H100, the
-  others no better.
+definitions the kernels in kernels/cuda/decoder_kernels.cu must equal
+(tests/gpu/test_decoder_kernels.py). On the kernel path rope_qkv also stores the rotated k
+and v in the layer's paged cache and the backend skips its cache write (kv_written=True).
 """
 
 from __future__ import annotations
 
-import os
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 
 from kvserve.model.rope import apply_rotary
 
-# KVSERVE_FUSED_OPS=0 / KVSERVE_GEMV_MAX_ROWS=n: A/B switches for benchmarks, read at import.
-ENABLED = os.environ.get("KVSERVE_FUSED_OPS", "1") != "0"
-# nn.Linear goes to the GEMV kernel up to this many rows (cuBLAS above; 0: never). Chosen
-# by measurement on H100 (benches/RESULTS.md, "End-to-end decode").
-GEMV_MAX_ROWS = int(os.environ.get("KVSERVE_GEMV_MAX_ROWS", "1"))
-# rope_qkv writes K/V into the paged cache itself (fused path only; see the docstring).
-ROPE_CACHE_WRITE = os.environ.get("KVSERVE_ROPE_CACHE_WRITE", "1") != "0"
-# Bitmask of GEMV roles launched with an even grid (kernels/fused.gemv even_grid).
-GEMV_EVEN_GRID = int(os.environ.get("KVSERVE_GEMV_EVEN_GRID", "1"))
-_ROLES = {"qkv": 1, "o_proj": 2, "gate_up": 4, "down": 8, "lm_head": 16}
+# nn.Linear goes to the GEMV kernel up to this many rows (cuBLAS above). Chosen by
+# measurement (benches/RESULTS.md, "End-to-end decode").
+GEMV_MAX_ROWS = 1
+# GEMVs launched on an even grid (every warp as many columns): measured faster for qkv only.
+EVEN_GRID_ROLES = frozenset({"qkv"})
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _even(role: str) -> bool:
-    """Whether the GEMV of this role (_ROLES) launches with an even grid."""
-    return bool(GEMV_EVEN_GRID & _ROLES.get(role, 0))
+    return role in EVEN_GRID_ROLES
 
 
 def use_fused_kernels(backend_name: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Fused kernels only where the cuda attention backend runs (CUDA, bf16/fp16)."""
-    return ENABLED and backend_name == "cuda" and device.type == "cuda" \
-        and dtype in _KERNEL_DTYPES
+    """The kernels only where the cuda attention backend runs (CUDA, bf16/fp16)."""
+    return backend_name == "cuda" and device.type == "cuda" and dtype in _KERNEL_DTYPES
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -73,7 +49,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     The fused kernel updates `residual` in place (a layer's residual stream is its own).
     """
     if fused:
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         if residual is None:
             return k.add_rms_norm(x, None, weight, eps), x
@@ -86,7 +62,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 def silu_mul(gate_up: torch.Tensor, fused: bool) -> torch.Tensor:
     """silu(gate) * up for gate_up [T, 2 * inter] (gate columns first)."""
     if fused:
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         return k.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
@@ -99,7 +75,7 @@ def _gemv(x: torch.Tensor, fused: bool, layer: torch.nn.Linear | None = None,
         return False
     if layer is None or prologue == "none":
         return True
-    from kvserve.kernels import fused as k
+    from kvserve.kernels import decoder_kernels as k
 
     return k.gemv_fits(x.shape[0], layer.in_features, x.dtype, prologue)
 
@@ -108,10 +84,10 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, fused: bool, role: str = ""
            ) -> torch.Tensor:
     """layer(x); few-row inputs go to the GEMV kernel where it was measured faster.
 
-    role: which GEMV this is (_ROLES), for GEMV_EVEN_GRID.
+    role: which GEMV this is ("qkv", "o_proj", ...), for EVEN_GRID_ROLES.
     """
     if _gemv(x, fused):
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         return k.gemv(x, layer.weight, layer.bias, even_grid=_even(role))[0]
     return layer(x)
@@ -124,21 +100,22 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.M
 
     With the GEMV, one kernel: the add and the norm are its prologue.
     """
+    norm_weight, eps = cast(torch.Tensor, norm.weight), cast(float, norm.eps)
     if _gemv(x, fused, layer, "add_norm") and (residual is None or residual.is_contiguous()):
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         out, residual = k.gemv(x, layer.weight, layer.bias, prologue="add_norm",
-                               residual=residual, norm_weight=norm.weight, eps=norm.eps,
+                               residual=residual, norm_weight=norm_weight, eps=eps,
                                even_grid=_even(role))
         return out, residual  # type: ignore[return-value]
-    h, residual = add_rms_norm(x, residual, norm.weight, norm.eps, fused)
+    h, residual = add_rms_norm(x, residual, norm_weight, eps, fused)
     return linear(h, layer, fused, role=role), residual
 
 
 def silu_linear(gate_up: torch.Tensor, layer: torch.nn.Linear, fused: bool) -> torch.Tensor:
     """layer(silu(gate) * up); with the GEMV, SiLU-and-mul is its prologue."""
     if _gemv(gate_up, fused, layer, "silu_mul"):
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         return k.gemv(gate_up, layer.weight, layer.bias, prologue="silu_mul",
                       even_grid=_even("down"))[0]
@@ -148,7 +125,7 @@ def silu_linear(gate_up: torch.Tensor, layer: torch.nn.Linear, fused: bool) -> t
 def logits(hidden: torch.Tensor, lm_head: torch.nn.Linear, fused: bool) -> torch.Tensor:
     """fp32 lm_head(hidden): rounded to the model dtype, then widened."""
     if _gemv(hidden, fused):
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         return k.gemv(hidden, lm_head.weight, lm_head.bias, out_f32=True,
                       even_grid=_even("lm_head"))[0]
@@ -156,10 +133,10 @@ def logits(hidden: torch.Tensor, lm_head: torch.nn.Linear, fused: bool) -> torch
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(-1) (the first of equal maxima), one kernel on CUDA when enabled."""
-    if ENABLED and logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 \
+    """logits.argmax(-1) (the first of equal maxima), one kernel on CUDA."""
+    if logits.is_cuda and logits.dtype == torch.float32 and logits.dim() == 2 \
             and logits.stride(1) == 1 and logits.shape[1] > 0:
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         return k.argmax_rows(logits)
     return logits.argmax(dim=-1)
@@ -172,11 +149,12 @@ def rope_qkv(qkv: torch.Tensor, rope: tuple[torch.Tensor, ...], num_heads: int,
 
     rope: (positions, cos table, sin table) when fused (the kernel looks rows up itself),
     else (cos, sin) [T, 1, D] looked up once per step (RotaryEmbedding.lookup).
-    cache (fused only; a kernels.fused.CacheTarget): also store k and v in that paged cache,
-    as ops.cache_write would; the caller then passes kv_written=True to the backend.
+    cache (fused only; a kernels.decoder_kernels.CacheTarget): also store k and v in that
+    paged cache, as kernels.cache_write would; the caller then passes kv_written=True to the
+    backend.
     """
     if fused:
-        from kvserve.kernels import fused as k
+        from kvserve.kernels import decoder_kernels as k
 
         positions, cos, sin = rope
         return k.rope_qkv(qkv, positions, cos, sin, num_heads, num_kv_heads, head_dim,
