@@ -15,6 +15,8 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvserve import LLM, SamplingParams, StructuredOutput
 from kvserve.grammar import GrammarCompiler
@@ -236,6 +238,47 @@ def test_json_schema_outputs_validate_over_schemas_and_seeds(llm: Any) -> None:
         jsonschema.validate(json.loads(out.text), schema)
     assert len({o.text for o in outs}) > len(SCHEMAS)  # the seeds really sample
     _check_blocks_back(llm)
+
+
+def _leaf_schemas() -> st.SearchStrategy[dict[str, Any]]:
+    bounded_int = st.tuples(st.integers(-50, 50), st.integers(0, 60)).map(
+        lambda t: {"type": "integer", "minimum": t[0], "maximum": t[0] + t[1]})
+    bounded_num = st.tuples(st.integers(-5, 5), st.integers(1, 9)).map(
+        lambda t: {"type": "number", "minimum": t[0], "maximum": t[0] + t[1]})
+    short_str = st.integers(0, 8).map(lambda n: {"type": "string", "maxLength": n})
+    pattern_str = st.sampled_from(["^[a-z]{1,4}$", "^[0-9]{2}-[A-Z]$", "^(on|off)$"]).map(
+        lambda p: {"type": "string", "pattern": p})
+    enum = st.lists(st.sampled_from(["a", "bc", 1, 2.5, True, None]), min_size=1, max_size=4,
+                    unique=True).map(lambda v: {"enum": v})
+    return st.one_of(bounded_int, bounded_num, short_str, pattern_str, enum,
+                     st.just({"type": "boolean"}), st.just({"type": "null"}))
+
+
+def _schemas() -> st.SearchStrategy[dict[str, Any]]:
+    def containers(inner: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+        props = st.dictionaries(st.sampled_from(["id", "name", "v", "items", "ok", "x"]), inner,
+                                min_size=1, max_size=4)
+        obj = st.tuples(props, st.integers(0, 4)).map(
+            lambda t: {"type": "object", "properties": t[0], "additionalProperties": False,
+                       "required": sorted(t[0])[: t[1]]})
+        arr = st.tuples(inner, st.integers(0, 2), st.integers(0, 3)).map(
+            lambda t: {"type": "array", "items": t[0], "minItems": t[1],
+                       "maxItems": t[1] + t[2]})
+        return st.one_of(obj, arr)
+
+    return st.recursive(_leaf_schemas(), containers, max_leaves=6)
+
+
+@settings(max_examples=3, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(schemas=st.lists(_schemas(), min_size=6, max_size=6), seed=st.integers(0, 2**31))
+def test_generated_schemas_validate(llm: Any, schemas: list[dict[str, Any]], seed: int) -> None:
+    params = [SamplingParams(temperature=1.0, seed=seed + i, max_tokens=200,
+                             structured=StructuredOutput(json_schema=schema))
+              for i, schema in enumerate(schemas)]
+    for out, schema in zip(llm.generate(["Answer in JSON:"] * len(schemas), params), schemas):
+        assert out.finish_reason == "stop", (out.text, schema)
+        jsonschema.validate(json.loads(out.text), schema)
 
 
 def test_seeded_structured_output_is_reproducible(llm: Any) -> None:
