@@ -15,7 +15,6 @@ import torch
 from kvserve.attention import get_backend
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
-from kvserve.grammar import GrammarCompiler
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -25,8 +24,10 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.step_cost import ModelCost, attention_pairs
 from kvserve.stop_strings import StopStringMatcher
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # xgrammar loads at the first structured request
     from xgrammar import GrammarMatcher
+
+    from kvserve.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 StepListener = Callable[[StepStats], None]
@@ -248,6 +249,8 @@ class LLMEngine:
         vocabulary, which takes a second on a large one)."""
         with self._grammars_lock:
             if self._grammars is None:
+                from kvserve.grammar import GrammarCompiler
+
                 self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
             return self._grammars
 

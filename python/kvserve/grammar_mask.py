@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import cache
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:  # imported where a mask is built: only structured requests need xgrammar
+    import xgrammar as xgr
 
 
 class GrammarRow(Protocol):
@@ -21,6 +23,8 @@ def grammar_bitmask(rows: Sequence[GrammarRow], vocab_size: int) -> torch.Tensor
     matchers = [m for r in rows if (m := r.grammar) is not None]
     if not matchers:
         return None
+    import xgrammar as xgr
+
     bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)  # all ones
     if len(idx) == 1:
         matchers[0].fill_next_token_bitmask(bitmask, idx[0])
@@ -34,6 +38,8 @@ def apply_grammar_mask(logits: torch.Tensor, rows: Sequence[GrammarRow]) -> None
     bitmask = grammar_bitmask(rows, logits.shape[1])
     if bitmask is None:
         return
+    import xgrammar as xgr
+
     idx = [i for i, r in enumerate(rows) if r.grammar is not None]
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=logits.shape[1], indices=idx)
@@ -41,4 +47,6 @@ def apply_grammar_mask(logits: torch.Tensor, rows: Sequence[GrammarRow]) -> None
 
 @cache
 def _batch_matcher() -> xgr.BatchGrammarMatcher:
+    import xgrammar as xgr
+
     return xgr.BatchGrammarMatcher()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
-import xgrammar as xgr
 
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.outputs import Logprobs, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.stop_strings import StopStringMatcher
+
+if TYPE_CHECKING:  # xgrammar loads only when a request asks for structure
+    import xgrammar as xgr
 
 log = logging.getLogger(__name__)
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-import xgrammar as xgr
 
 from kvserve.grammar_mask import apply_grammar_mask
 from kvserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar loads only when a request asks for structure
+    import xgrammar as xgr
 
 __all__ = ["SampleRow", "Sampler", "SamplerOutput", "SamplingParams"]
 
