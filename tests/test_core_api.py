@@ -360,3 +360,23 @@ def test_metrics_keys() -> None:
     ):
         assert key in m, key
     assert core.num_gpu_blocks == 4 and core.num_free_gpu_blocks == 4
+
+
+def test_request_stats_remembers_the_last_4096_ended_even_with_reused_ids() -> None:
+    core = Core(num_gpu_blocks=16, block_size=4, max_waiting=8)
+
+    def end(request_id: str) -> None:
+        core.add_request(request_id, [1, 2], max_tokens=4)
+        assert core.finish(request_id, "stop")
+
+    end("x")
+    for i in range(4095):
+        end(f"o{i}")
+    end("x")  # ends again: now the most recent, not the oldest
+    end("y")
+    assert core.request_stats("x")["state"] == "finished:stop"
+    assert core.request_stats("y")["state"] == "finished:stop"
+    assert core.request_stats("o1")["state"] == "finished:stop"
+    with pytest.raises(KeyError):
+        core.request_stats("o0")  # the oldest of the 4097 distinct ids that ended
+    core.check_invariants()

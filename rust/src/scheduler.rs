@@ -19,8 +19,48 @@ use crate::request::{Request, RequestParams, Status};
 /// Queue key: (priority, arrival, slot); lower sorts first.
 type QueueKey = (i64, u64, usize);
 
-/// How many finished requests `request_stats` still remembers.
+/// How many ended requests `request_stats` still remembers.
 const FINISHED_MEMORY: usize = 4096;
+
+/// The stats of the last `FINISHED_MEMORY` distinct ids that ended, each as of its latest
+/// end. An id that ends again moves to the back: its older entry in `order` goes stale
+/// (its sequence number no longer matches) and is skipped when it reaches the front.
+#[derive(Debug, Default)]
+struct FinishedLog {
+    /// Id -> (sequence number of its latest end, its stats then).
+    by_id: HashMap<String, (u64, RequestStats)>,
+    /// (id, sequence number) per end, oldest first; stale entries included.
+    order: VecDeque<(String, u64)>,
+    next_seq: u64,
+}
+
+impl FinishedLog {
+    fn record(&mut self, id: String, stats: RequestStats) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_id.insert(id.clone(), (seq, stats));
+        self.order.push_back((id, seq));
+        while self.by_id.len() > FINISHED_MEMORY {
+            let Some((old, old_seq)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_id.get(&old).is_some_and(|(s, _)| *s == old_seq) {
+                self.by_id.remove(&old);
+            }
+        }
+        // Stale entries (ids ended again since) are dropped once they outnumber the live
+        // ones, so `order` stays within twice the memory.
+        if self.order.len() > 2 * FINISHED_MEMORY {
+            let by_id = &self.by_id;
+            self.order
+                .retain(|(id, seq)| by_id.get(id).is_some_and(|(s, _)| s == seq));
+        }
+    }
+
+    fn get(&self, id: &str) -> Option<&RequestStats> {
+        self.by_id.get(id).map(|(_, stats)| stats)
+    }
+}
 
 /// One sequence scheduled in the current step, with the request fields the plan needs,
 /// copied while the request's record is in cache: building the plan then streams through
@@ -170,8 +210,7 @@ pub struct Scheduler {
     next_plan_id: u64,
     pending: Option<Pending>,
     pub(crate) counters: Counters,
-    finished: HashMap<String, RequestStats>,
-    finished_order: VecDeque<String>,
+    finished: FinishedLog,
     evicted_scratch: Vec<u128>,
     /// The last plan's block table, updated in place by the next plan.
     batch: BatchTable,
@@ -209,8 +248,7 @@ impl Scheduler {
             next_plan_id: 0,
             pending: None,
             counters: Counters::default(),
-            finished: HashMap::new(),
-            finished_order: VecDeque::new(),
+            finished: FinishedLog::default(),
             evicted_scratch: Vec::new(),
             batch: BatchTable::default(),
             recent: RecentTokens::default(),
@@ -1293,14 +1331,7 @@ impl Scheduler {
                 format!("finished:{reason}")
             },
         };
-        if self.finished.insert(r.cold.id.clone(), stats).is_none() {
-            self.finished_order.push_back(r.cold.id);
-        }
-        while self.finished_order.len() > FINISHED_MEMORY {
-            if let Some(old) = self.finished_order.pop_front() {
-                self.finished.remove(&old);
-            }
-        }
+        self.finished.record(r.cold.id, stats);
     }
 
     /// Stats of a live or recently finished request.
