@@ -6,7 +6,6 @@ mod batch_table;
 pub mod block_pool;
 pub mod config;
 pub mod error;
-mod invariants;
 pub mod metrics;
 pub mod plan;
 pub mod prefix_cache;
