@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use _core::metrics::MetricValue;
-use _core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 use common::{fingerprint, reference, Rng, Sim};
+use kvserve_core::metrics::MetricValue;
+use kvserve_core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 
 fn metric(s: &Scheduler, k: &str) -> u64 {
     match s
