@@ -1,5 +1,5 @@
 //! kvserve's core: the paged KV block pool, the prefix cache and the continuous-batching
-//! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python.rs` behind
+//! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python/` behind
 //! the "python" feature.
 
 mod batch_table;
