@@ -15,6 +15,7 @@ import torch
 from kvserve.attention import get_backend
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
+from kvserve.errors import InvalidRequestError
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -61,7 +62,7 @@ class LLMEngine:
             preemption_mode=args.preemption_mode,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
             flops_per_token=cfg.flops_per_token)
-        self.invalid_request_error: type[Exception] = _core.InvalidRequestError
+        self.invalid_request_error: type[Exception] = InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
         # Weight bytes a step reads: all but the embedding table, plus one row per token.
