@@ -78,6 +78,11 @@ class Plan:
     def swap_in(self) -> npt.NDArray[np.int64]: ...
     @property
     def copies(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def continues_plan_id(self) -> int | None:
+        """The previous plan's id when this plan is its forward one step on (same decode
+        rows one position further, fed the tokens its commit took, same block table,
+        nothing to swap or copy); None otherwise."""
 
 @final
 class StepOutput:
@@ -93,6 +98,10 @@ class StepOutput:
     def finish_reasons(self) -> list[str]: ...
     @property
     def finished_ids(self) -> list[str]: ...
+    @property
+    def finished_cached_prompt_tokens(self) -> npt.NDArray[np.uint64]:
+        """Prompt tokens each finished request had served from the prefix cache (aligned
+        with finished_handles)."""
 
 @final
 class Core:

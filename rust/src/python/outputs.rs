@@ -43,6 +43,8 @@ pub struct PyPlan {
     swap_in: Py<PyArray2<i64>>,
     #[pyo3(get)]
     copies: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    continues_plan_id: Option<u64>,
 }
 
 impl PyPlan {
@@ -68,6 +70,7 @@ impl PyPlan {
             swap_out: pairs(py, p.swap_out)?,
             swap_in: pairs(py, p.swap_in)?,
             copies: pairs(py, p.copies)?,
+            continues_plan_id: p.continues_plan_id,
         })
     }
 }
@@ -105,6 +108,8 @@ pub struct PyStepOutput {
     finish_reasons: Vec<&'static str>,
     #[pyo3(get)]
     finished_ids: Vec<String>,
+    #[pyo3(get)]
+    finished_cached_prompt_tokens: Py<PyArray1<u64>>,
 }
 
 #[pymethods]
@@ -126,6 +131,10 @@ impl PyStepOutput {
             finished_handles: o.finished_handles.into_pyarray(py).unbind(),
             finish_reasons: o.finish_reasons,
             finished_ids: o.finished_ids,
+            finished_cached_prompt_tokens: o
+                .finished_cached_prompt_tokens
+                .into_pyarray(py)
+                .unbind(),
         }
     }
 }

@@ -56,6 +56,7 @@ impl Scheduler {
         out.finished_handles.clear();
         out.finish_reasons.clear();
         out.finished_ids.clear();
+        out.finished_cached_prompt_tokens.clear();
         // A steady batch's plan with no request ended since: every row is a running
         // decode with a sample, so the full path's per-row checks are not needed.
         let steady = self.steady.plan_id == plan_id && self.steady.intact;
@@ -185,7 +186,10 @@ impl Scheduler {
     ) {
         out.finished_handles.push(handle);
         out.finish_reasons.push(reason);
-        out.finished_ids.push(self.req(slot).cold.id.clone());
+        let r = self.req(slot);
+        out.finished_ids.push(r.cold.id.clone());
+        out.finished_cached_prompt_tokens
+            .push(r.cold.cached_prompt_tokens as u64);
         self.remove(slot, reason, false);
     }
 

@@ -34,7 +34,7 @@ use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
 pub use lifecycle::RequestStats;
-use plan_builder::{Pending, PlannedRow, SampleRow, Scheduled};
+use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
 
 /// A waiting or swapped request's place in its queue; lower sorts first.
@@ -89,6 +89,8 @@ pub struct Scheduler {
     recent: RecentTokens,
     scratch: Scratch,
     steady: SteadyBatch,
+    /// The last plan, if it was decode-only (`Plan::continues_plan_id` compares with it).
+    last_decode_plan: Option<DecodePlanShape>,
     /// Whether `schedule` may take the steady-batch path (on; tests compare both ways).
     steady_path: bool,
 }
@@ -133,6 +135,7 @@ impl Scheduler {
                 plan_id: u64::MAX,
                 ..SteadyBatch::default()
             },
+            last_decode_plan: None,
             steady_path: true,
         })
     }

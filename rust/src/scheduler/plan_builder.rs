@@ -48,6 +48,25 @@ impl Scheduled {
     }
 }
 
+/// What the next plan needs to know of a decode-only plan to tell whether it continues it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DecodePlanShape {
+    pub(super) id: u64,
+    pub(super) num_seqs: usize,
+    pub(super) max_blocks: usize,
+}
+
+impl DecodePlanShape {
+    /// The shape of `plan` if it is decode-only and not empty.
+    pub(super) fn of(plan: &Plan) -> Option<Self> {
+        (plan.num_seqs > 0 && plan.num_decodes == plan.num_seqs).then_some(DecodePlanShape {
+            id: plan.id,
+            num_seqs: plan.num_seqs,
+            max_blocks: plan.max_blocks,
+        })
+    }
+}
+
 /// One row of a plan: the request in `slot` (checked by `handle`) gets `num_new` tokens.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct PlannedRow {
@@ -140,6 +159,15 @@ impl Scheduler {
         plan.query_start_loc.push(0);
         let slots = &self.slots;
         let batch = &mut self.batch;
+        // The previous plan's step one on needs the same shape; its rows are checked below.
+        let same_shape = num_decodes == num_seqs
+            && plan.swap_out.is_empty()
+            && plan.swap_in.is_empty()
+            && plan.copies.is_empty()
+            && self
+                .last_decode_plan
+                .is_some_and(|last| last.num_seqs == num_seqs && last.max_blocks == max_blocks);
+        let mut rows_unchanged = true;
         batch.begin(num_seqs, max_blocks, slots.len());
         let recent = &self.recent;
         // Decode rows first, column by column: each is one token at position `start`,
@@ -151,7 +179,7 @@ impl Scheduler {
                 handle: s.handle,
                 blocks_gen: s.blocks_gen,
             };
-            batch.set_row(i, s.slot, key, s.num_blocks, || {
+            rows_unchanged &= batch.set_row(i, s.slot, key, s.num_blocks, || {
                 &slots[s.slot]
                     .as_ref()
                     .expect("scheduled slot holds a request")
@@ -240,6 +268,14 @@ impl Scheduler {
         batch.finish(num_seqs);
         self.scratch.sched = ordered;
         self.scratch.ordered = spare;
+        // Same rows with the same blocks, all decodes: each sat in the previous plan's
+        // row as a decode (a block generation changes on preemption), so it is one
+        // position on and its input is the token that plan's commit sampled.
+        plan.continues_plan_id = self
+            .last_decode_plan
+            .filter(|_| same_shape && rows_unchanged)
+            .map(|last| last.id);
+        self.last_decode_plan = DecodePlanShape::of(&plan);
         self.keep_steady_batch(&plan);
         self.counters.steps += 1;
         self.counters.tokens_scheduled_last_step = num_tokens as u64;

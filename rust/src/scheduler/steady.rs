@@ -5,7 +5,7 @@ use crate::batch_table::RowKey;
 use crate::plan::Plan;
 use crate::request::Request;
 
-use super::{Pending, Scheduler};
+use super::{DecodePlanShape, Pending, Scheduler};
 
 /// The last plan when it was decode-only, as dense columns, so that the next step, if
 /// nothing but its commit happened in between, is planned from these alone: every row
@@ -137,6 +137,9 @@ impl Scheduler {
         plan.num_tokens = n;
         plan.num_decodes = n;
         plan.max_blocks = max_blocks;
+        // Every row one position on with the token just committed; the table changed
+        // only if a row grew.
+        plan.continues_plan_id = sb.growing.is_empty().then_some(sb.plan_id);
         for (dst, src) in [
             (&mut plan.handles, &sb.handles),
             (&mut plan.sample_handles, &sb.handles),
@@ -171,6 +174,7 @@ impl Scheduler {
         sb.plan_id = plan.id;
         sb.intact = true;
         self.steady = sb;
+        self.last_decode_plan = DecodePlanShape::of(&plan);
         self.counters.steps += 1;
         self.counters.steps_steady += 1;
         self.counters.tokens_scheduled_last_step = n as u64;
