@@ -97,7 +97,7 @@ impl Scheduler {
 
     /// Whether an admission may take `need` more blocks out of `available`, keeping the
     /// watermark for running decodes (unless nothing runs, so nothing starves).
-    pub(super) fn admissible(&self, available: usize, need: usize) -> bool {
+    fn admissible(&self, available: usize, need: usize) -> bool {
         if available < need {
             return false;
         }

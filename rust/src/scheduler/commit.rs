@@ -84,12 +84,7 @@ impl Scheduler {
     /// `commit`'s rows for any plan: sampled rows are a subsequence of the plan's
     /// sequences, in order; rows whose request ended since `schedule` are skipped. Returns
     /// whether a request finished.
-    pub(super) fn commit_rows(
-        &mut self,
-        p: &Pending,
-        sampled: &[i64],
-        out: &mut StepOutput,
-    ) -> bool {
+    fn commit_rows(&mut self, p: &Pending, sampled: &[i64], out: &mut StepOutput) -> bool {
         let bs = self.cfg.block_size;
         let caching = self.cfg.enable_prefix_caching;
         let mut any_finished = false;
@@ -133,12 +128,7 @@ impl Scheduler {
     /// `commit_rows` for the steady batch's plan (see `SteadyBatch`): one decode per row,
     /// all sampled, all running; the record's stop fields are read only when the batch's
     /// copy says the token may stop the request.
-    pub(super) fn commit_steady_rows(
-        &mut self,
-        p: &Pending,
-        sampled: &[i64],
-        out: &mut StepOutput,
-    ) -> bool {
+    fn commit_steady_rows(&mut self, p: &Pending, sampled: &[i64], out: &mut StepOutput) -> bool {
         let bs = self.cfg.block_size;
         let caching = self.cfg.enable_prefix_caching;
         let mask = bs - 1;
@@ -177,13 +167,7 @@ impl Scheduler {
     }
 
     /// Ends a request its sampled token stopped: the output's finished entry, then `remove`.
-    pub(super) fn stop(
-        &mut self,
-        out: &mut StepOutput,
-        slot: usize,
-        handle: u64,
-        reason: &'static str,
-    ) {
+    fn stop(&mut self, out: &mut StepOutput, slot: usize, handle: u64, reason: &'static str) {
         out.finished_handles.push(handle);
         out.finish_reasons.push(reason);
         let r = self.req(slot);

@@ -29,7 +29,7 @@ impl Scheduler {
         self.end(id, "abort", true)
     }
 
-    pub(super) fn end(&mut self, id: &str, reason: &str, aborted: bool) -> bool {
+    fn end(&mut self, id: &str, reason: &str, aborted: bool) -> bool {
         let Some(&slot) = self.by_id.get(id) else {
             return false;
         };

@@ -310,7 +310,7 @@ impl Scheduler {
     }
 
     /// Hands a used plan back so the next `schedule` refills its Vecs instead of
-    /// allocating (optional; the Python binding does it after copying the plan out).
+    /// allocating (optional: pure-Rust callers; the Python binding hands the Vecs to numpy).
     pub fn recycle_plan(&mut self, plan: Plan) {
         self.scratch.plan = Some(plan);
     }

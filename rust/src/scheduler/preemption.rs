@@ -39,7 +39,7 @@ impl Scheduler {
 
     /// Swap when host blocks allow and (for auto) moving KV twice over PCIe is cheaper
     /// than recomputing it.
-    pub(super) fn choose_swap(&self, r: &Request) -> bool {
+    fn choose_swap(&self, r: &Request) -> bool {
         let n = self.cfg.blocks_for(r.num_computed);
         if n == 0 || self.host.num_available() < n {
             return false;
