@@ -360,3 +360,46 @@ def test_metrics_keys() -> None:
     ):
         assert key in m, key
     assert core.num_gpu_blocks == 4 and core.num_free_gpu_blocks == 4
+
+
+def test_request_stats_remembers_the_last_4096_ended_even_with_reused_ids() -> None:
+    core = Core(num_gpu_blocks=16, block_size=4, max_waiting=8)
+
+    def end(request_id: str) -> None:
+        core.add_request(request_id, [1, 2], max_tokens=4)
+        assert core.finish(request_id, "stop")
+
+    end("x")
+    for i in range(4095):
+        end(f"o{i}")
+    end("x")  # ends again: now the most recent, not the oldest
+    end("y")
+    assert core.request_stats("x")["state"] == "finished:stop"
+    assert core.request_stats("y")["state"] == "finished:stop"
+    assert core.request_stats("o1")["state"] == "finished:stop"
+    with pytest.raises(KeyError):
+        core.request_stats("o0")  # the oldest of the 4097 distinct ids that ended
+    core.check_invariants()
+
+
+def test_step_output_reports_finished_cached_prompt_tokens_and_plans_their_predecessor() -> None:
+    rng = np.random.default_rng(3)
+    core = Core(num_gpu_blocks=64, block_size=4, max_num_seqs=4)
+    shared = rng.integers(0, 50, 9).tolist()
+    for i in range(12):
+        prompt = shared[: int(rng.integers(1, 10))] + rng.integers(0, 50, 3).tolist()
+        core.add_request(f"r{i}", prompt, max_tokens=int(rng.integers(1, 12)))
+    finished, hits, continued, prev_id = 0, 0, 0, None
+    while core.has_unfinished():
+        plan = core.schedule()
+        assert plan.continues_plan_id in (None, prev_id)
+        continued += plan.continues_plan_id is not None
+        out = core.commit(plan.id, rng.integers(0, 50, plan.num_samples))
+        assert len(out.finished_cached_prompt_tokens) == len(out.finished_handles)
+        assert out.finished_cached_prompt_tokens.dtype == np.uint64
+        for request_id, cached in zip(out.finished_ids, out.finished_cached_prompt_tokens):
+            assert cached == core.request_stats(request_id)["cached_prompt_tokens"]
+            finished += 1
+            hits += cached > 0
+        prev_id = plan.id
+    assert finished == 12 and hits > 0 and continued > 0

@@ -12,10 +12,11 @@ schedule, upload, launch) leaves the GPU idle between steps. When every sampled 
 greedy (the caller says so) and no row's next position starts a new block, `run` launches
 the next step right behind this one: a small kernel turns this step's inputs into the next
 one's on the device (the argmax as input id, every position and slot one on), then the same
-graph replays. When the next plan arrives it is compared with what ran: the same rows, the
-tokens this step chose, positions and slots one on, an unchanged block table, nothing to
-swap or copy. If so, its results are already there (or on the way); if not, the step runs
-normally and the run-ahead results are dropped. That is safe because a run-ahead step
+graph replays. The core says whether the next plan is exactly that step
+(`Plan.continues_plan_id`: the same rows, fed the tokens this step chose, positions and
+slots one on, an unchanged block table, nothing to swap or copy). If so, its results are
+already there (or on the way); if not, the step runs normally and the run-ahead results
+are dropped. That is safe because a run-ahead step
 writes K/V only to the slot after each row's last, inside a block the row still holds
 (never a full block, so never one in the prefix cache); a row that ended meanwhile frees
 that block only on the host, after the write is queued, and any later owner writes a slot
@@ -43,13 +44,10 @@ RUN_AHEAD = True
 
 @dataclass
 class _Ahead:
-    """The step launched ahead: the plan it must equal to be used (host arrays)."""
+    """The step launched ahead: the plan it continues, and the graph it replayed."""
 
+    plan_id: int
     bs: int
-    input_ids: np.ndarray
-    positions: np.ndarray
-    slot_mapping: np.ndarray
-    block_table: np.ndarray
 
 
 def capture_sizes(max_num_seqs: int) -> list[int]:
@@ -174,7 +172,7 @@ class DecodeGraphs:
         bs = next(s for s in self.sizes if s >= n)
         graph, logits, greedy = self.graphs[bs]
         ahead, self._ahead = self._ahead, None
-        if ahead is not None and self._is(ahead, plan, bs):
+        if ahead is not None and ahead.bs == bs and plan.continues_plan_id == ahead.plan_id:
             self.steps_ahead_used += 1  # this step already ran (or is running)
         else:
             self._replay(plan, n, bs)
@@ -192,8 +190,7 @@ class DecodeGraphs:
         graph.replay()
         self._greedy_copied.synchronize()
         tokens = self._h_greedy[:n].numpy().copy()
-        self._ahead = _Ahead(bs, tokens, plan.positions + 1, plan.slot_mapping + 1,
-                             np.array(plan.block_table))
+        self._ahead = _Ahead(int(plan.id), bs)
         self.last_greedy = torch.from_numpy(tokens)
         return logits[:n]
 
@@ -205,18 +202,6 @@ class DecodeGraphs:
                     and np.all(nxt < self.max_model_len)
                     and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
                     and len(plan.copies) == 0)
-
-    @staticmethod
-    def _is(ahead: _Ahead, plan: Any, bs: int) -> bool:
-        """Whether the step launched ahead is exactly this plan's forward."""
-        return (ahead.bs == bs and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
-                and len(plan.copies) == 0
-                and np.array_equal(plan.input_ids, ahead.input_ids)
-                and np.array_equal(plan.positions, ahead.positions)
-                and np.array_equal(plan.slot_mapping, ahead.slot_mapping)
-                and np.array_equal(plan.seq_lens, ahead.positions + 1)
-                and plan.block_table.shape == ahead.block_table.shape
-                and np.array_equal(plan.block_table, ahead.block_table))
 
     def _replay(self, plan: Any, n: int, bs: int) -> None:
         """Upload the plan's inputs into the static buffers and replay graph bs."""

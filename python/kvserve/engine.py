@@ -15,6 +15,7 @@ import torch
 from kvserve.attention import get_backend
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
+from kvserve.errors import InvalidRequestError
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -68,7 +69,7 @@ class LLMEngine:
             preemption_mode=args.preemption_mode,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
             flops_per_token=cfg.flops_per_token)
-        self.invalid_request_error: type[Exception] = _core.InvalidRequestError
+        self.invalid_request_error: type[Exception] = InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
         # Weight bytes a step reads: all but the embedding table, plus one row per token.
@@ -120,19 +121,19 @@ class LLMEngine:
                 continue
             deltas[handle], hit_stop = state.append(token, logprobs.get(handle))
             if hit_stop and self.core.finish(state.request_id, "stop"):
-                self._end(state, deltas[handle], "stop")
-        for handle, reason in zip(out.finished_handles.tolist(), out.finish_reasons):
+                # Ended here, not in the commit: its stats are the core's record of it.
+                stats = self.core.request_stats(state.request_id)
+                self._end(state, deltas[handle], "stop", int(stats["cached_prompt_tokens"]))
+        for handle, reason, cached in zip(out.finished_handles.tolist(), out.finish_reasons,
+                                          out.finished_cached_prompt_tokens.tolist()):
             state = self._requests.get(handle)
             if state is not None:
-                self._end(state, deltas[handle], reason)
+                self._end(state, deltas[handle], reason, cached)
         return list(deltas.values())
 
-    def _end(self, state: RequestState, delta: RequestOutput, reason: str) -> None:
-        try:
-            cached = int(self.core.request_stats(state.request_id)["cached_prompt_tokens"])
-        except Exception:  # noqa: BLE001 -- stats are best effort; the output is what matters
-            cached = 0
-        state.finish(delta, reason, cached)
+    def _end(self, state: RequestState, delta: RequestOutput, reason: str,
+             cached_prompt_tokens: int) -> None:
+        state.finish(delta, reason, cached_prompt_tokens)
         del self._requests[state.handle]
         self._handles.pop(state.request_id, None)
 

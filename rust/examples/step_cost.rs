@@ -13,7 +13,7 @@
 
 use std::time::Instant;
 
-use _core::{Config, RequestParams, Scheduler};
+use kvserve_core::{Config, RequestParams, Scheduler};
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));

@@ -116,7 +116,7 @@ impl BatchTable {
 
     /// Makes row `i` (rows are set in increasing order) hold the `num_blocks` blocks of
     /// the request in `slot`; `blocks` gives them and is called only when the row must be
-    /// rewritten.
+    /// rewritten. Returns whether the row already held exactly these blocks.
     #[inline]
     pub fn set_row<'a>(
         &mut self,
@@ -125,16 +125,17 @@ impl BatchTable {
         key: RowKey,
         num_blocks: usize,
         blocks: impl FnOnce() -> &'a [u32],
-    ) {
+    ) -> bool {
         // A steady decode row: same place, same blocks; nothing to write.
         if self.row_of_slot[slot] as usize == i
             && i < self.keys.len()
             && self.keys[i] == key
             && self.lens[i] as usize == num_blocks
         {
-            return;
+            return true;
         }
         self.rewrite_row(i, slot, key, num_blocks, blocks());
+        false
     }
 
     /// `set_row` for a row that moved, grew or is new.

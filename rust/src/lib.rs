@@ -1,12 +1,11 @@
 //! kvserve's core: the paged KV block pool, the prefix cache and the continuous-batching
-//! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python.rs` behind
+//! scheduler. Pure Rust; the Python binding (`kvserve._core`) lives in `python/` behind
 //! the "python" feature.
 
 mod batch_table;
 pub mod block_pool;
 pub mod config;
 pub mod error;
-mod invariants;
 pub mod metrics;
 pub mod plan;
 pub mod prefix_cache;

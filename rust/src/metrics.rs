@@ -1,4 +1,7 @@
-//! Counters and gauges of the core, exported as a flat snapshot.
+//! Counters and gauges of the core, exported as a flat snapshot: a function of the
+//! counters, the block pools and the queue lengths.
+
+use crate::block_pool::BlockPool;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MetricValue {
@@ -6,7 +9,7 @@ pub enum MetricValue {
     Float(f64),
 }
 
-/// Monotonic counters; gauges are read from the scheduler when a snapshot is taken.
+/// Monotonic counters; gauges are read from the pools and queues when a snapshot is taken.
 #[derive(Debug, Clone, Default)]
 pub struct Counters {
     pub steps: u64,
@@ -31,70 +34,71 @@ pub struct Counters {
 
 pub type Snapshot = Vec<(&'static str, MetricValue)>;
 
-use crate::scheduler::Scheduler;
+/// How many requests each queue holds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QueueLengths {
+    pub running: usize,
+    pub waiting: usize,
+    pub swapped: usize,
+}
 
-impl Scheduler {
-    /// A snapshot of gauges and counters (names are the metrics dict's keys).
-    pub fn metrics(&self) -> Snapshot {
-        use MetricValue::{Float, Int};
-        let c = &self.counters;
-        let gpu = self.gpu_pool();
-        let host = self.host_pool();
-        let frac = |used: usize, total: usize| {
-            if total == 0 {
-                0.0
-            } else {
-                used as f64 / total as f64
-            }
-        };
-        let hit_rate = if c.prefix_queries_tokens == 0 {
+/// A snapshot of gauges and counters (names are the metrics dict's keys).
+pub fn snapshot(c: &Counters, gpu: &BlockPool, host: &BlockPool, queues: QueueLengths) -> Snapshot {
+    use MetricValue::{Float, Int};
+    let frac = |used: usize, total: usize| {
+        if total == 0 {
             0.0
         } else {
-            c.prefix_hits_tokens as f64 / c.prefix_queries_tokens as f64
-        };
-        vec![
-            ("running", Int(self.num_running() as u64)),
-            ("waiting", Int(self.num_waiting() as u64)),
-            ("swapped", Int(self.num_swapped() as u64)),
-            ("num_gpu_blocks", Int(gpu.num_blocks() as u64)),
-            ("gpu_blocks_free", Int(gpu.num_free() as u64)),
-            ("gpu_blocks_cached", Int(gpu.num_cached() as u64)),
-            ("gpu_blocks_used", Int(gpu.num_used() as u64)),
-            (
-                "gpu_kv_usage",
-                Float(frac(gpu.num_used(), gpu.num_blocks())),
-            ),
-            ("num_host_blocks", Int(host.num_blocks() as u64)),
-            ("host_blocks_used", Int(host.num_used() as u64)),
-            (
-                "host_kv_usage",
-                Float(frac(host.num_used(), host.num_blocks())),
-            ),
-            ("prefix_queries_tokens", Int(c.prefix_queries_tokens)),
-            ("prefix_hits_tokens", Int(c.prefix_hits_tokens)),
-            ("prefix_hit_rate", Float(hit_rate)),
-            ("evictions", Int(gpu.evictions())),
-            (
-                "preemptions",
-                Int(c.preemptions_recompute + c.preemptions_swap),
-            ),
-            ("preemptions_recompute", Int(c.preemptions_recompute)),
-            ("preemptions_swap", Int(c.preemptions_swap)),
-            ("recomputed_tokens", Int(c.recomputed_tokens)),
-            ("swapped_out_blocks", Int(c.swapped_out_blocks)),
-            ("swapped_in_blocks", Int(c.swapped_in_blocks)),
-            ("cow_copies", Int(c.cow_copies)),
-            (
-                "tokens_scheduled_last_step",
-                Int(c.tokens_scheduled_last_step),
-            ),
-            ("seqs_scheduled_last_step", Int(c.seqs_scheduled_last_step)),
-            ("tokens_scheduled_total", Int(c.tokens_scheduled_total)),
-            ("steps", Int(c.steps)),
-            ("steps_steady", Int(c.steps_steady)),
-            ("requests_added", Int(c.requests_added)),
-            ("requests_finished", Int(c.requests_finished)),
-            ("requests_aborted", Int(c.requests_aborted)),
-        ]
-    }
+            used as f64 / total as f64
+        }
+    };
+    let hit_rate = if c.prefix_queries_tokens == 0 {
+        0.0
+    } else {
+        c.prefix_hits_tokens as f64 / c.prefix_queries_tokens as f64
+    };
+    vec![
+        ("running", Int(queues.running as u64)),
+        ("waiting", Int(queues.waiting as u64)),
+        ("swapped", Int(queues.swapped as u64)),
+        ("num_gpu_blocks", Int(gpu.num_blocks() as u64)),
+        ("gpu_blocks_free", Int(gpu.num_free() as u64)),
+        ("gpu_blocks_cached", Int(gpu.num_cached() as u64)),
+        ("gpu_blocks_used", Int(gpu.num_used() as u64)),
+        (
+            "gpu_kv_usage",
+            Float(frac(gpu.num_used(), gpu.num_blocks())),
+        ),
+        ("num_host_blocks", Int(host.num_blocks() as u64)),
+        ("host_blocks_used", Int(host.num_used() as u64)),
+        (
+            "host_kv_usage",
+            Float(frac(host.num_used(), host.num_blocks())),
+        ),
+        ("prefix_queries_tokens", Int(c.prefix_queries_tokens)),
+        ("prefix_hits_tokens", Int(c.prefix_hits_tokens)),
+        ("prefix_hit_rate", Float(hit_rate)),
+        ("evictions", Int(gpu.evictions())),
+        (
+            "preemptions",
+            Int(c.preemptions_recompute + c.preemptions_swap),
+        ),
+        ("preemptions_recompute", Int(c.preemptions_recompute)),
+        ("preemptions_swap", Int(c.preemptions_swap)),
+        ("recomputed_tokens", Int(c.recomputed_tokens)),
+        ("swapped_out_blocks", Int(c.swapped_out_blocks)),
+        ("swapped_in_blocks", Int(c.swapped_in_blocks)),
+        ("cow_copies", Int(c.cow_copies)),
+        (
+            "tokens_scheduled_last_step",
+            Int(c.tokens_scheduled_last_step),
+        ),
+        ("seqs_scheduled_last_step", Int(c.seqs_scheduled_last_step)),
+        ("tokens_scheduled_total", Int(c.tokens_scheduled_total)),
+        ("steps", Int(c.steps)),
+        ("steps_steady", Int(c.steps_steady)),
+        ("requests_added", Int(c.requests_added)),
+        ("requests_finished", Int(c.requests_finished)),
+        ("requests_aborted", Int(c.requests_aborted)),
+    ]
 }

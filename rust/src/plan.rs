@@ -26,6 +26,11 @@ pub struct Plan {
     pub swap_out: Vec<i64>,
     pub swap_in: Vec<i64>,
     pub copies: Vec<i64>,
+    /// The previous plan's id when this plan is that plan's forward one step on: the same
+    /// rows, all decodes, each one position further and fed the token its commit sampled,
+    /// the same block table, nothing to swap or copy (a decode step run ahead on the
+    /// device is then this plan's step). None otherwise.
+    pub continues_plan_id: Option<u64>,
 }
 
 /// What a commit appended and who finished.
@@ -36,4 +41,7 @@ pub struct StepOutput {
     pub finished_handles: Vec<u64>,
     pub finish_reasons: Vec<&'static str>,
     pub finished_ids: Vec<String>,
+    /// Each finished request's prompt tokens served from the prefix cache at its first
+    /// admission (aligned with `finished_handles`).
+    pub finished_cached_prompt_tokens: Vec<u64>,
 }

@@ -7,8 +7,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use _core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 use common::{fingerprint, reference, Rng, Sim};
+use kvserve_core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 use proptest::prelude::*;
 
 fn random_config(rng: &mut Rng) -> Config {
@@ -260,8 +260,8 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
     );
     let m: HashMap<&str, _> = s.metrics().into_iter().collect();
     let int = |k: &str| match m[k] {
-        _core::metrics::MetricValue::Int(i) => i,
-        _core::metrics::MetricValue::Float(_) => 0,
+        kvserve_core::metrics::MetricValue::Int(i) => i,
+        kvserve_core::metrics::MetricValue::Float(_) => 0,
     };
     assert_eq!(int("gpu_blocks_used"), 0, "seed {seed}: blocks leaked");
     assert_eq!(

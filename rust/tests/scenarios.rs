@@ -5,9 +5,9 @@ mod common;
 
 use std::collections::HashMap;
 
-use _core::metrics::MetricValue;
-use _core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 use common::{fingerprint, reference, Rng, Sim};
+use kvserve_core::metrics::MetricValue;
+use kvserve_core::{Config, CoreError, PreemptionMode, RequestParams, Scheduler};
 
 fn metric(s: &Scheduler, k: &str) -> u64 {
     match s
@@ -546,5 +546,68 @@ fn watermark_holds_back_admissions_but_never_starves_an_idle_core() {
         "idle core admits despite the watermark; the next waits"
     );
     s.commit(plan.id, &[1]).unwrap();
+    s.check_invariants().unwrap();
+}
+
+/// Ends `id` (adds it and finishes it at once).
+fn end_request(s: &mut Scheduler, id: &str) {
+    s.add_request(req(id, vec![1, 2], 4)).unwrap();
+    assert!(s.finish(id, "stop"));
+}
+
+#[test]
+fn request_stats_remembers_a_reused_id_from_its_latest_end() {
+    // The repro: "x" ends, 4095 others end, "x" ends again, then "y".
+    let mut s = Scheduler::new(cfg(16, 4)).unwrap();
+    end_request(&mut s, "x");
+    for i in 0..4095 {
+        end_request(&mut s, &format!("o{i}"));
+    }
+    end_request(&mut s, "x");
+    end_request(&mut s, "y");
+    assert!(s.request_stats("x").is_ok(), "x ended second to last");
+    assert!(s.request_stats("o1").is_ok());
+    assert_eq!(
+        s.request_stats("o0"),
+        Err(CoreError::UnknownRequest("o0".into())),
+        "o0 is the oldest of 4097 distinct ended ids"
+    );
+}
+
+#[test]
+fn request_stats_remembers_the_last_4096_distinct_ended_ids() {
+    // Reference: ids in the order of their latest end; the last 4096 are remembered.
+    const MEMORY: usize = 4096;
+    let mut rng = Rng::new(11);
+    let mut s = Scheduler::new(cfg(16, 4)).unwrap();
+    let mut latest_end: Vec<String> = Vec::new();
+    let mut used: Vec<String> = Vec::new();
+    for round in 0..12_000 {
+        // Mostly fresh ids, often a few hot ones ended again and again.
+        let id = if rng.chance(0.4) {
+            format!("hot{}", rng.below(8))
+        } else if rng.chance(0.2) && !used.is_empty() {
+            used[rng.below(used.len() as u64) as usize].clone()
+        } else {
+            format!("fresh{round}")
+        };
+        end_request(&mut s, &id);
+        latest_end.retain(|x| *x != id);
+        latest_end.push(id.clone());
+        if !used.contains(&id) {
+            used.push(id);
+        }
+        if round % 3000 == 2999 {
+            let keep = latest_end.len().saturating_sub(MEMORY);
+            for (i, x) in latest_end.iter().enumerate() {
+                assert_eq!(
+                    s.request_stats(x).is_ok(),
+                    i >= keep,
+                    "round {round}: {x} ended {} ends ago",
+                    latest_end.len() - i
+                );
+            }
+        }
+    }
     s.check_invariants().unwrap();
 }

@@ -8,8 +8,8 @@
 
 mod common;
 
-use _core::{Config, PreemptionMode, RequestParams, Scheduler};
 use common::{Rng, Sim, VOCAB};
+use kvserve_core::{Config, PreemptionMode, RequestParams, Scheduler};
 use proptest::prelude::*;
 
 fn random_config(rng: &mut Rng) -> Config {
@@ -86,7 +86,7 @@ fn steady_steps(s: &Scheduler) -> u64 {
         .find(|(k, _)| *k == "steps_steady")
         .map(|(_, v)| v)
     {
-        Some(_core::metrics::MetricValue::Int(i)) => i,
+        Some(kvserve_core::metrics::MetricValue::Int(i)) => i,
         _ => panic!("steps_steady missing"),
     }
 }

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import grpc
 
 from kvserve import __version__
-from kvserve._core import AtCapacityError, RequestTooLargeError
+from kvserve.errors import AtCapacityError, RequestTooLargeError
 from kvserve.sampling import SamplingParams
 from kvserve.server import convert
 from kvserve.server.metrics import RequestTimer, ServerMetrics

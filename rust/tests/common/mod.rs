@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use _core::{Plan, RequestParams, Scheduler};
+use kvserve_core::{Plan, RequestParams, Scheduler};
 use xxhash_rust::xxh3::xxh3_64;
 
 pub const VOCAB: i64 = 97;
@@ -95,7 +95,11 @@ impl Sim {
         }
     }
 
-    pub fn add(&mut self, s: &mut Scheduler, p: RequestParams) -> Result<u64, _core::CoreError> {
+    pub fn add(
+        &mut self,
+        s: &mut Scheduler,
+        p: RequestParams,
+    ) -> Result<u64, kvserve_core::CoreError> {
         let prompt = p.prompt_token_ids.clone();
         let id = p.request_id.clone();
         let h = s.add_request(p)?;

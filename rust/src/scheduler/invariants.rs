@@ -1,9 +1,9 @@
 //! Whole-core consistency checks, used by tests after every operation.
 
+use super::{key, Scheduler};
 use crate::error::{CoreError, CoreResult};
 use crate::recent_tokens::RECENT_CAP;
 use crate::request::Status;
-use crate::scheduler::Scheduler;
 
 fn broken<T>(msg: String) -> CoreResult<T> {
     Err(CoreError::Invariant(msg))
@@ -58,7 +58,7 @@ impl Scheduler {
             if r.num_computed > r.num_tokens() || r.num_tokens() >= cfg.max_model_len {
                 return broken(format!("request {:?} has inconsistent lengths", r.cold.id));
             }
-            let key = (r.cold.priority, r.cold.arrival, slot);
+            let key = key(r, slot);
             match r.status {
                 Status::Running => {
                     n_run += 1;

@@ -1,0 +1,48 @@
+//! The log of ended requests `request_stats` still answers for.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::RequestStats;
+
+/// How many ended requests `request_stats` still remembers.
+const FINISHED_MEMORY: usize = 4096;
+
+/// The stats of the last `FINISHED_MEMORY` distinct ids that ended, each as of its latest
+/// end. An id that ends again moves to the back: its older entry in `order` goes stale
+/// (its sequence number no longer matches) and is skipped when it reaches the front.
+#[derive(Debug, Default)]
+pub(super) struct FinishedLog {
+    /// Id -> (sequence number of its latest end, its stats then).
+    by_id: HashMap<String, (u64, RequestStats)>,
+    /// (id, sequence number) per end, oldest first; stale entries included.
+    order: VecDeque<(String, u64)>,
+    next_seq: u64,
+}
+
+impl FinishedLog {
+    pub(super) fn record(&mut self, id: String, stats: RequestStats) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.by_id.insert(id.clone(), (seq, stats));
+        self.order.push_back((id, seq));
+        while self.by_id.len() > FINISHED_MEMORY {
+            let Some((old, old_seq)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_id.get(&old).is_some_and(|(s, _)| *s == old_seq) {
+                self.by_id.remove(&old);
+            }
+        }
+        // Stale entries (ids ended again since) are dropped once they outnumber the live
+        // ones, so `order` stays within twice the memory.
+        if self.order.len() > 2 * FINISHED_MEMORY {
+            let by_id = &self.by_id;
+            self.order
+                .retain(|(id, seq)| by_id.get(id).is_some_and(|(s, _)| s == seq));
+        }
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<&RequestStats> {
+        self.by_id.get(id).map(|(_, stats)| stats)
+    }
+}

@@ -1,0 +1,105 @@
+//! The end of a request's life: finish, abort, freeing its blocks, and the stats
+//! `request_stats` reports for live and recently ended requests.
+
+use crate::error::{CoreError, CoreResult};
+use crate::request::Status;
+
+use super::{key, Scheduler};
+
+/// What `request_stats` reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestStats {
+    pub handle: u64,
+    pub prompt_tokens: usize,
+    pub output_tokens: usize,
+    pub cached_prompt_tokens: usize,
+    pub num_computed_tokens: usize,
+    pub num_preemptions: u32,
+    pub state: String,
+}
+
+impl Scheduler {
+    /// Ends a live request for a reason found outside the core (e.g. a stop string).
+    pub fn finish(&mut self, id: &str, reason: &str) -> bool {
+        self.end(id, reason, false)
+    }
+
+    /// Frees everything a request holds; unknown id -> false.
+    pub fn abort(&mut self, id: &str) -> bool {
+        self.end(id, "abort", true)
+    }
+
+    fn end(&mut self, id: &str, reason: &str, aborted: bool) -> bool {
+        let Some(&slot) = self.by_id.get(id) else {
+            return false;
+        };
+        self.steady.committed = false;
+        self.steady.intact = false;
+        self.remove(slot, reason, aborted);
+        self.running.retain(|&s| s != slot);
+        true
+    }
+
+    /// Removes a request from every queue and frees its blocks. `running` is left for
+    /// the caller to compact (commit does it once per step).
+    pub(super) fn remove(&mut self, slot: usize, reason: &str, aborted: bool) {
+        let Some(r) = self.slots[slot].take() else {
+            return;
+        };
+        match r.status {
+            Status::Waiting => {
+                self.waiting.remove(&key(&r, slot));
+            }
+            Status::Swapped => {
+                self.swapped.remove(&key(&r, slot));
+            }
+            Status::Running => {}
+        }
+        for &b in r.blocks.iter().rev() {
+            self.gpu.decref(b);
+        }
+        for &h in &r.cold.host_blocks {
+            self.host.decref(h);
+        }
+        self.by_id.remove(&r.cold.id);
+        self.free_slots.push(slot);
+        if aborted {
+            self.counters.requests_aborted += 1;
+        } else {
+            self.counters.requests_finished += 1;
+        }
+        let stats = RequestStats {
+            handle: r.handle,
+            prompt_tokens: r.cold.num_prompt_tokens,
+            output_tokens: r.num_output_tokens(),
+            cached_prompt_tokens: r.cold.cached_prompt_tokens,
+            num_computed_tokens: r.num_computed,
+            num_preemptions: r.cold.num_preemptions,
+            state: if aborted {
+                "aborted".into()
+            } else {
+                format!("finished:{reason}")
+            },
+        };
+        self.finished.record(r.cold.id, stats);
+    }
+
+    /// Stats of a live or recently finished request.
+    pub fn request_stats(&self, id: &str) -> CoreResult<RequestStats> {
+        if let Some(r) = self.request(id) {
+            return Ok(RequestStats {
+                handle: r.handle,
+                prompt_tokens: r.cold.num_prompt_tokens,
+                output_tokens: r.num_output_tokens(),
+                cached_prompt_tokens: r.cold.cached_prompt_tokens,
+                num_computed_tokens: r.num_computed,
+                num_preemptions: r.cold.num_preemptions,
+                state: r.status.as_str().into(),
+            });
+        }
+        self.finished
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownRequest(id.into()))
+    }
+}
