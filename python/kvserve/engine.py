@@ -54,7 +54,7 @@ class LLMEngine:
         else:
             backend = get_backend(args.attention_backend, self.device)
             self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
-                                      self.max_model_len, args.max_num_batched_tokens,
+                                      self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,
                                       args.gpu_memory_utilization, args.swap_bytes,
                                       enforce_eager=args.enforce_eager)
