@@ -68,12 +68,36 @@ def main() -> None:
     else:
         result = sim.run(source)
     wall = time.perf_counter() - t0
+    import resource
+
+    rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = result.summary()
     print(json.dumps({k: s[k] for k in ("completed", "simulated_s", "steps", "ttft_ms",
                                         "itl_ms", "running_mean")}, indent=1))
     print(f"{args.replicas} replicas, {args.rate:g} req/s, {s['simulated_s']:.0f} simulated s "
           f"in {wall:.1f} s wall: {s['simulated_s'] / wall:.1f} simulated s per wall s, "
-          f"{wall / max(s['steps'], 1) * 1e6:.1f} us per replica step")
+          f"{wall / max(s['steps'], 1) * 1e6:.1f} us per replica step, peak RSS {rss_mib:.0f} MiB")
+    core_us = core_step_us(3)
+    print(f"core schedule()+commit() alone, 3 running decodes, same process: {core_us:.1f} us")
+
+
+def core_step_us(batch: int, steps: int = 20000) -> float:
+    """The floor: one schedule() + commit() pair of a steady decode batch, from Python."""
+    import numpy as np
+    from kvserve._core import Core
+
+    core = Core(num_gpu_blocks=100000, max_num_seqs=256, max_model_len=1 << 16)
+    for i in range(batch):
+        core.add_request(f"r{i}", np.arange(200, 400), max_tokens=1 << 15, ignore_eos=True)
+    tokens = np.zeros(256, np.int64)
+    for _ in range(10):
+        plan = core.schedule()
+        core.commit(plan.id, tokens[:plan.num_samples])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        plan = core.schedule()
+        core.commit(plan.id, tokens[:plan.num_samples])
+    return (time.perf_counter() - t0) / steps * 1e6
 
 
 if __name__ == "__main__":

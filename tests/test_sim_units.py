@@ -241,3 +241,24 @@ def test_first_token_of_a_fully_cached_prompt_counts_as_ttft() -> None:
     assert s["completed"] == 2 and s["prefix_hit_rate"] > 0.4
     assert sim.stats.ttft.total == 2 and sim.stats.itl.total == 6
     assert sim.stats.itl.percentile(100) < 0.1  # no gap spans the idle second
+
+
+def test_a_router_policy_object_plugs_in() -> None:
+    seen: list[int] = []
+
+    class Last:
+        """Sends everything to the last replica and records what it was shown."""
+
+        def choose(self, replicas: list, request: RequestSpec) -> int:
+            seen.append(len(replicas))
+            assert all(hasattr(r, a) for r in replicas
+                       for a in ("num_running", "num_waiting", "kv_usage", "core"))
+            return len(replicas) - 1
+
+    p = gpu_like_profile()
+    cfg = ReplicaConfig(num_gpu_blocks=2000, num_host_blocks=0, max_model_len=4096)
+    sim = Simulator(p, cfg, 3, Last(), 0.5)
+    w = Workload("synthetic", 32000, 4096, seed=4)
+    s = sim.run(WorkloadSource(w, rate=10.0, num_requests=20, seed=4)).summary()
+    assert s["completed"] == 20 and seen == [3] * 20
+    assert [r.core.metrics()["requests_added"] for r in sim.replicas] == [0, 0, 20]

@@ -54,12 +54,17 @@ class LLMEngine:
         _ = self.tokenizer.bound  # computed once here, not on a first request
         limit = min(cfg.max_position_embeddings, cfg.sliding_window or 1 << 62)
         self.max_model_len = min(args.max_model_len or limit, limit)
-        backend = get_backend(args.attention_backend, self.device)
-        self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
-                                  self.max_model_len, args.max_num_batched_tokens,
-                                  args.max_num_seqs, args.kv_cache_bytes,
-                                  args.gpu_memory_utilization, args.swap_bytes,
-                                  enforce_eager=args.enforce_eager)
+        if args.executor == "sim":  # the step-time model instead of the forward pass
+            from kvserve.sim.executor import SimRunner
+
+            self.runner: ModelRunner | SimRunner = SimRunner(cfg, args, cfg.vocab_size)
+        else:
+            backend = get_backend(args.attention_backend, self.device)
+            self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
+                                      self.max_model_len, int(args.max_num_batched_tokens),
+                                      args.max_num_seqs, args.kv_cache_bytes,
+                                      args.gpu_memory_utilization, args.swap_bytes,
+                                      enforce_eager=args.enforce_eager)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,

@@ -12,6 +12,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
           "tib": 2**40}
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("auto", "recompute", "swap")
+EXECUTORS = ("model", "sim")
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +51,8 @@ class EngineArgs:
     attention_backend: str | None = None  # None: cuda on CUDA devices, else torch
     enforce_eager: bool = False  # CUDA: no decode graphs, every step launched eagerly
     seed: int = 0  # for requests without their own seed
-    profile: str | None = None  # a `kvserve calibrate` profile (for the auto token budget)
+    executor: str = "model"  # "sim": steps sleep the profile's modelled time, no weights
+    profile: str | None = None  # a `kvserve calibrate` profile (auto token budget, sim)
     itl_target: float = 0.05  # seconds; what the auto token budget keeps a mixed step under
 
     def __post_init__(self) -> None:
@@ -59,6 +61,8 @@ class EngineArgs:
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode: {self.preemption_mode!r} is not one of "
                              f"{', '.join(PREEMPTION_MODES)}")
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
         if self.max_num_batched_tokens == "auto":
             self.max_num_batched_tokens = self._auto_token_budget()
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
@@ -115,6 +119,9 @@ class EngineArgs:
         add("--max-num-batched-tokens", type=_budget, default=d["max_num_batched_tokens"].default,
             help="most new tokens in one step, or 'auto' (needs --profile; see --itl-target)")
         add("--profile", default=None, help="`kvserve calibrate` profile JSON")
+        add("--executor", default="model", choices=EXECUTORS,
+            help="sim: the real engine and core with modelled step times and synthetic "
+                 "tokens (needs --profile; no weights loaded)")
         add("--itl-target", type=float, default=d["itl_target"].default,
             help="seconds a mixed step may take, for --max-num-batched-tokens auto")
         add("--kv-cache-memory", default="512MiB", help="CPU KV-cache size, e.g. 512MiB, 2GB")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -61,12 +62,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineArgs.from_cli_args(args))
     grid = Grid.for_device(engine.device.type, engine.max_model_len, args.max_num_seqs,
                            args.max_num_batched_tokens)
+    overrides: dict[str, Any] = {"decode_steps": args.decode_steps, "repeats": args.repeats}
     for flag in ("decode_batches", "contexts", "prefill_lens", "cached_prefixes",
                  "mixed_chunks"):
         text = getattr(args, flag)
         if text:
-            grid = replace(grid, **{flag: _ints(text, "--" + flag.replace("_", "-"))})
-    grid = replace(grid, decode_steps=args.decode_steps, repeats=args.repeats)
+            overrides[flag] = _ints(text, "--" + flag.replace("_", "-"))
+    grid = replace(grid, **overrides)
     profile, _ = calibrate(engine, grid, seed=args.seed, progress=not args.no_progress)
     profile.save(args.out)
     print(format_fit(profile))

@@ -110,7 +110,9 @@ class SimReplica:
         self.step_clock: Callable[[Any], float] | None = None
         self._pending: tuple[np.ndarray, float] | None = None
         self._last_ctx, self._last_ns = 0.0, 0
-        self.tokens = np.full(max(config.max_num_seqs, 1), SYNTHETIC_TOKEN, np.int64)
+        self._itl_add = stats.itl.add
+        tokens = np.full(max(config.max_num_seqs, 1), SYNTHETIC_TOKEN, np.int64)
+        self._tokens = [tokens[:n] for n in range(len(tokens) + 1)]  # one view per count
         c, st = profile.cost, profile.step_time
         self._fixed = (c.weight_bytes, c.embed_row_bytes, c.kv_bytes_per_token,
                        c.flops_per_token, c.attn_flops_per_pair, 1.0 / st.bandwidth_bytes_per_s,
@@ -189,26 +191,31 @@ class SimReplica:
         if ns == 0:
             self.plan, self.busy = None, False
             return None
+        self.plan, self.busy = plan, True
         wb, erb, kvb, fpt, fpp, inv_bw, inv_rate, c0, c1 = self._fixed
-        nt, nd = plan.num_tokens, plan.num_decodes
-        if self._steady and nd == ns == self._last_ns:
-            ctx = self._last_ctx + ns
+        if self._steady and ns == self._last_ns and plan.num_decodes == ns:
+            # The same decodes, one token on: nothing to read (no swaps either: those come
+            # with a preemption or a swap-in, which change the row count).
+            ctx = self._last_ctx = self._last_ctx + ns
+            mem = (wb + (erb + kvb) * ns + kvb * ctx) * inv_bw
+            cmp = (fpt * ns + fpp * ctx) * inv_rate
+            dt = max(mem, cmp) + c0 + c1 * ns
         else:
             self._steady = False
+            nt, nd = plan.num_tokens, plan.num_decodes
             ctx = float(_sum(plan.seq_lens))
-        self._last_ctx, self._last_ns = ctx, ns
-        # A decode's query sees its whole context once: pairs == context.
-        pairs = ctx if nd == ns else attention_pairs(np.diff(plan.query_start_loc),
-                                                     plan.seq_lens)
-        dt = max((wb + erb * nt + kvb * (ctx + nt)) * inv_bw,
-                 (fpt * nt + fpp * pairs) * inv_rate) + c0 + c1 * ns
-        if self._has_host:
-            swaps = len(plan.swap_out) + len(plan.swap_in)
-            if swaps:
-                dt += swaps * self._swap_s_per_block
+            self._last_ctx, self._last_ns = ctx, ns
+            # A decode's query sees its whole context once: pairs == context.
+            pairs = ctx if nd == ns else attention_pairs(np.diff(plan.query_start_loc),
+                                                         plan.seq_lens)
+            dt = max((wb + erb * nt + kvb * (ctx + nt)) * inv_bw,
+                     (fpt * nt + fpp * pairs) * inv_rate) + c0 + c1 * ns
+            if self._has_host:
+                swaps = len(plan.swap_out) + len(plan.swap_in)
+                if swaps:
+                    dt += swaps * self._swap_s_per_block
         if self.step_clock is not None:
             dt = self.step_clock(plan)
-        self.plan, self.busy = plan, True
         return now + dt
 
     def finish_step(self, now: float) -> list[Finished]:
@@ -217,11 +224,11 @@ class SimReplica:
         stats = self.stats
         stats.steps += 1
         n = plan.num_samples
-        out = self.core.commit(plan.id, self.tokens[:n])
+        out = self.core.commit(plan.id, self._tokens[n])
         fin = out.finished_handles
         if self._steady:
             slots, t = self._pending  # type: ignore[misc]
-            stats.itl.add(now - t, n)
+            self._itl_add(now - t, n)
             self._pending = (slots, now)
         elif n:
             self._flush_pending()

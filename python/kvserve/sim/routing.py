@@ -37,7 +37,8 @@ class LeastLoad:
         return best
 
 
-POLICIES = {"round-robin": RoundRobin, "least-load": LeastLoad}
+POLICIES: dict[str, type[RoundRobin | LeastLoad]] = {"round-robin": RoundRobin,
+                                                           "least-load": LeastLoad}
 
 
 def make_policy(name: str) -> RouterPolicy:

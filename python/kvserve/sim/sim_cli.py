@@ -126,7 +126,13 @@ def _run_sim(args: argparse.Namespace) -> int:
             "replica_config": sim.config.__dict__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.node()}
     report.write_json(out / "results.json", result, meta)
-    written = [] if args.no_plots else report.write_plots(out, result, label)
+    written = []
+    if not args.no_plots:
+        try:
+            written = report.write_plots(out, result, label)
+        except ModuleNotFoundError as exc:  # matplotlib is the optional [bench] extra
+            print(f"no plots: {exc.name} is not installed (pip install 'kvserve[bench]')",
+                  file=sys.stderr)
     print(report.format_table([result.summary()], [f"{args.replicas}x {args.router}"]))
     s = result.summary()
     print(f"simulated {s['simulated_s']:.1f} s in {s['wall_s']:.1f} s wall, {s['steps']} steps, "

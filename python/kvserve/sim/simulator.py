@@ -82,7 +82,9 @@ class Simulator:
             progress_every_s: float = 1.0) -> SimResult:
         """Run until every arrival is served (or Ctrl-C: the partial result is returned)."""
         wall0 = time.perf_counter()
-        heap: list[tuple[float, int, int, Any]] = []
+        # Steps are (end, _STEP, replica); arrivals (time, _ARRIVAL, seq, payload): the kind
+        # decides ties at an instant, then the replica index or the arrival order.
+        heap: list[tuple[Any, ...]] = []
         seq = itertools.count()
         arrivals = source.arrivals()
         budget = getattr(source, "budget", math.inf)
@@ -92,23 +94,25 @@ class Simulator:
         def next_arrival() -> None:
             nxt = next(arrivals, None)
             if nxt is not None:
-                push(heap, (nxt[0], next(seq), _ARRIVAL, (nxt[1], True)))
+                push(heap, (nxt[0], _ARRIVAL, next(seq), (nxt[1], True)))
 
         next_arrival()
         now, interrupted = 0.0, False
         next_progress = progress_every_s
         try:
             while heap:
-                now, _, kind, payload = pop(heap)
+                event = pop(heap)
+                now, kind, payload = event[0], event[1], event[-1]
                 if kind == _STEP:
                     r = replicas[payload]
                     for done in r.finish_step(now):
                         follow = source.follow_up(done.spec, done.output_tokens)
                         if follow is not None:
-                            push(heap, (now + follow[0], next(seq), _ARRIVAL, (follow[1], False)))
+                            push(heap, (now + follow[0], _ARRIVAL, next(seq),
+                                        (follow[1], False)))
                     end = r.start_step(now)
                     if end is not None:
-                        push(heap, (end, next(seq), _STEP, payload))
+                        push(heap, (end, _STEP, payload))
                 else:
                     spec, first = payload
                     if first:
@@ -135,4 +139,4 @@ class Simulator:
         if r.add(spec, now) and not r.busy:
             end = r.start_step(now)
             if end is not None:
-                heapq.heappush(heap, (end, next(seq), _STEP, i))
+                heapq.heappush(heap, (end, _STEP, i))

@@ -24,6 +24,7 @@ class LogHistogram:
         self._n = 0
         self._one_v: list[float] = []
         self._one_c: list[int] = []
+        self._pending_ones = 1 << 16  # adds left before the lists are binned
 
     @property
     def total(self) -> int:
@@ -34,7 +35,8 @@ class LogHistogram:
         """Buffered like add_many; a simulated step adds one (gap, rows) pair."""
         self._one_v.append(value)
         self._one_c.append(count)
-        if len(self._one_v) >= 1 << 16:
+        self._pending_ones -= 1
+        if not self._pending_ones:
             self._flush()
 
     def add_many(self, values: np.ndarray) -> None:
@@ -54,8 +56,10 @@ class LogHistogram:
             self._n = 0
         if self._one_v:
             v, c = np.asarray(self._one_v), np.asarray(self._one_c, np.int64)
-            self._one_v, self._one_c = [], []
+            self._one_v.clear()
+            self._one_c.clear()
             self._bin_many(v, c)
+        self._pending_ones = 1 << 16
 
     def _bin_many(self, values: np.ndarray, counts: np.ndarray | None = None) -> None:
         v = np.maximum(values, _LO)
