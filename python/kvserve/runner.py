@@ -49,8 +49,9 @@ class ModelRunner:
                              f"(one block needs {self.block_bytes} bytes)")
         self.num_host_blocks = swap_bytes // self.block_bytes
         self.kv_caches = self._allocate(self.num_blocks, device, pin=False)
+        # Host blocks are read only after a swap-out wrote them: no need to zero them.
         self.host_caches = (self._allocate(self.num_host_blocks, torch.device("cpu"),
-                                           pin=device.type == "cuda")
+                                           pin=device.type == "cuda", zeroed=False)
                             if self.num_host_blocks else [])
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB), host swap %d blocks",
                  self.num_blocks, block_size, self.num_blocks * self.block_bytes / 2**20,
@@ -78,12 +79,13 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _allocate(self, num_blocks: int, device: torch.device, pin: bool
+    def _allocate(self, num_blocks: int, device: torch.device, pin: bool, zeroed: bool = True
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, cfg.num_kv_heads,
                                             cfg.head_dim)
-        return [tuple(torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
+        make = torch.zeros if zeroed else torch.empty
+        return [tuple(make(shape, dtype=self.dtype, device=device, pin_memory=pin)
                       for _ in range(2)) for _ in range(cfg.num_layers)]  # type: ignore[misc]
 
     def _profile_cuda(self, max_tokens: int, max_seqs: int, max_model_len: int,
