@@ -53,6 +53,7 @@ def build_model(ckpt: Checkpoint, backend: AttentionBackend, max_positions: int,
     cached = cache.load_params(dtype) if cache is not None else None
     if cache is not None and cached is not None and _fits(model, cached, cache):
         _adopt_params(model, cached, share=device.type == "cpu")
+        log.info("weights of %s from the model cache %s", ckpt.source, cache.directory)
     else:
         model.load_weights(ckpt.weights(dtype), ckpt.source)
         if cache is not None:
