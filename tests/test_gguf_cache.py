@@ -45,8 +45,8 @@ def _logits(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
     """Logits of every position of one prefill of tokens (torch backend, fresh cache)."""
     cfg, n = model.config, len(tokens)
     blocks = (n + BLOCK - 1) // BLOCK
-    shape = model.layers[0].self_attn.backend.kv_cache_shape(blocks, BLOCK, cfg.num_kv_heads,
-                                                             cfg.head_dim)
+    shape = get_backend("torch", "cpu").kv_cache_shape(blocks, BLOCK, cfg.num_kv_heads,
+                                                       cfg.head_dim)
     dtype = model.embed_tokens.weight.dtype
     caches = [(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
               for _ in range(cfg.num_layers)]
