@@ -24,6 +24,13 @@ def host_tensor(table: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.array(table))
 
 
+def _calloc_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed host tensor from calloc (numpy.zeros): the kernel maps zero pages as they are
+    first touched, where torch.zeros writes every byte of a large pool up front."""
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+
+
 class ModelRunner:
     def __init__(self, ckpt: Checkpoint, backend: AttentionBackend, device: torch.device,
                  dtype: torch.dtype, block_size: int, max_model_len: int,
@@ -49,8 +56,9 @@ class ModelRunner:
                              f"(one block needs {self.block_bytes} bytes)")
         self.num_host_blocks = swap_bytes // self.block_bytes
         self.kv_caches = self._allocate(self.num_blocks, device, pin=False)
+        # Host blocks are read only after a swap-out wrote them: no need to zero them.
         self.host_caches = (self._allocate(self.num_host_blocks, torch.device("cpu"),
-                                           pin=device.type == "cuda")
+                                           pin=device.type == "cuda", zeroed=False)
                             if self.num_host_blocks else [])
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB), host swap %d blocks",
                  self.num_blocks, block_size, self.num_blocks * self.block_bytes / 2**20,
@@ -78,13 +86,18 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _allocate(self, num_blocks: int, device: torch.device, pin: bool
+    def _allocate(self, num_blocks: int, device: torch.device, pin: bool, zeroed: bool = True
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, cfg.num_kv_heads,
                                             cfg.head_dim)
-        return [tuple(torch.zeros(shape, dtype=self.dtype, device=device, pin_memory=pin)
-                      for _ in range(2)) for _ in range(cfg.num_layers)]  # type: ignore[misc]
+        def make() -> torch.Tensor:
+            if zeroed and device.type == "cpu" and not pin:
+                return _calloc_zeros(shape, self.dtype)
+            alloc = torch.zeros if zeroed else torch.empty
+            return alloc(shape, dtype=self.dtype, device=device, pin_memory=pin)
+
+        return [(make(), make()) for _ in range(cfg.num_layers)]
 
     def _profile_cuda(self, max_tokens: int, max_seqs: int, max_model_len: int,
                       utilization: float) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvserve.commands.remote import add_remote_args, run_remote
+from kvserve.commands.remote_args import add_remote_args
 from kvserve.engine_args import EngineArgs
 
 
@@ -26,6 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.server:  # a running server does the work; nothing is loaded here
+        from kvserve.commands.remote import run_remote
+
         return run_remote(args)
     from kvserve.engine import LLMEngine
     from kvserve.sampling_params import SamplingParams

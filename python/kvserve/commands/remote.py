@@ -1,7 +1,8 @@
 """`kvserve generate --server HOST:PORT PROMPT`: stream a completion from a running server.
 
 The generate command calls `run_remote(args)` when `args.server` is set; the flags it
-needs beyond generate's own come from `add_remote_args(parser)`.
+needs beyond generate's own come from `add_remote_args(parser)` (commands/remote_args.py,
+which imports no grpc, so a local `kvserve generate` never loads it).
 """
 
 from __future__ import annotations
@@ -142,22 +143,6 @@ def generate_remote(
             print(f"kvserve: {server}: {exc.code().name}: {exc.details()}{retry}", file=err)
             return 1
     return 0
-
-
-def add_remote_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("remote server")
-    g.add_argument(
-        "--server",
-        metavar="HOST:PORT",
-        default=None,
-        help="stream from a running kvserve server instead of loading the model",
-    )
-    g.add_argument("--api-key", default=None, help=f"bearer token (default: ${API_KEY_ENV})")
-    g.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
-    g.add_argument(
-        "--tls-ca", type=Path, default=None, help="PEM root certificate to trust (implies --tls)"
-    )
-    g.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
 
 
 def run_remote(args: argparse.Namespace) -> int:
