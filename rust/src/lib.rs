@@ -7,15 +7,19 @@ pub mod block_pool;
 pub mod config;
 pub mod error;
 mod invariants;
+pub mod kv_events;
 pub mod metrics;
 pub mod plan;
 pub mod prefix_cache;
+pub mod prefix_index;
 mod recent_tokens;
 pub mod request;
 pub mod scheduler;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod python_router;
 
 pub use config::{Config, PreemptionMode};
 pub use error::{CoreError, CoreResult};

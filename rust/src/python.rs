@@ -317,7 +317,7 @@ impl PlanTables {
 /// The KV-cache manager and scheduler.
 #[pyclass(module = "kvserve._core", name = "Core")]
 pub struct PyCore {
-    inner: Scheduler,
+    pub(crate) inner: Scheduler,
     tables: PlanTables,
 }
 
@@ -559,6 +559,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCore>()?;
     m.add_class::<PyPlan>()?;
     m.add_class::<PyStepOutput>()?;
+    crate::python_router::register(m)?;
     m.add("InvalidRequestError", py.get_type::<InvalidRequestError>())?;
     m.add(
         "RequestTooLargeError",

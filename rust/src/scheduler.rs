@@ -236,6 +236,10 @@ impl Scheduler {
     pub fn gpu_pool(&self) -> &BlockPool {
         &self.gpu
     }
+    /// The prefix cache, for its KV event log and snapshot.
+    pub fn prefix_cache_mut(&mut self) -> &mut PrefixCache {
+        &mut self.prefix
+    }
     pub fn host_pool(&self) -> &BlockPool {
         &self.host
     }
