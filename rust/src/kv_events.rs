@@ -2,7 +2,8 @@
 //! global index of every replica's cache. The log is bounded: when it would outgrow its
 //! capacity it drops what it holds and flags "resync needed", and the reader takes a
 //! snapshot of the whole cache instead. Sequence numbers count every event, recorded or
-//! dropped, so a reader can tell a snapshot's place in the stream.
+//! dropped, so a reader can tell a snapshot's place in the stream: a snapshot taken at
+//! `last_seq() == S` covers every event up to S, and the reader skips those it drains.
 
 /// What happened to one block hash.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,15 +94,6 @@ impl KvEventLog {
         self.overflowed = false;
         batch
     }
-
-    /// Forgets the buffered events because a snapshot now covers them; returns the
-    /// sequence number the snapshot is taken at.
-    pub fn mark_snapshot(&mut self) -> u64 {
-        self.kinds.clear();
-        self.hashes.clear();
-        self.overflowed = false;
-        self.last_seq
-    }
 }
 
 #[cfg(test)]
@@ -142,7 +134,7 @@ mod tests {
     }
 
     #[test]
-    fn overflow_drops_and_flags_resync_and_snapshot_resumes() {
+    fn overflow_drops_and_flags_resync_then_resumes() {
         let mut log = KvEventLog::default();
         log.set_capacity(2);
         for h in 0..5 {
@@ -151,13 +143,10 @@ mod tests {
         let b = log.drain();
         assert!(b.resync_needed && b.kinds.is_empty());
         assert_eq!(log.last_seq(), 5, "dropped events still count");
-        for h in 5..9 {
-            log.record(Stored, h);
-        }
-        assert_eq!(log.mark_snapshot(), 9);
+        log.record(Stored, 5);
         log.record(Evicted, 3);
         let b = log.drain();
-        assert!(!b.resync_needed);
-        assert_eq!((b.first_seq, b.hashes), (10, vec![3]));
+        assert!(!b.resync_needed, "the drain reset the flag");
+        assert_eq!((b.first_seq, b.hashes), (6, vec![5, 3]));
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 mod invariants;
 pub mod kv_events;
+mod load;
 pub mod metrics;
 pub mod plan;
 pub mod prefix_cache;

@@ -181,11 +181,11 @@ impl PrefixCache {
         self.events.drain()
     }
 
-    /// Every digest cached now and the sequence number of the last event it covers;
-    /// buffered events are dropped (the snapshot includes them).
-    pub fn snapshot(&mut self) -> (u64, Vec<u128>) {
-        let seq = self.events.mark_snapshot();
-        (seq, self.map.keys().copied().collect())
+    /// Every digest cached now and the sequence number of the last event it covers (a
+    /// reader skips drained events up to it). The log is left as it is, so other readers
+    /// of the same drains lose nothing.
+    pub fn snapshot(&self) -> (u64, Vec<u128>) {
+        (self.events.last_seq(), self.map.keys().copied().collect())
     }
 }
 

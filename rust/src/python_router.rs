@@ -97,11 +97,16 @@ impl PyCore {
         )
     }
 
-    /// (seq, hashes): every block hash cached now, as of event `seq`; buffered events
-    /// are dropped (the snapshot covers them).
+    /// (seq, hashes): every block hash cached now, as of event `seq`: drained events
+    /// with a sequence number up to `seq` are already in it.
     fn kv_snapshot<'py>(&mut self, py: Python<'py>) -> (u64, Bound<'py, PyBytes>) {
         let (seq, hashes) = self.inner.prefix_cache_mut().snapshot();
         (seq, hashes_to_bytes(py, &hashes))
+    }
+
+    /// Tokens waiting requests still have to prefill.
+    fn waiting_prompt_tokens(&self) -> usize {
+        self.inner.waiting_prompt_tokens()
     }
 }
 
