@@ -9,7 +9,12 @@ import sys
 from kvserve import __version__
 
 # module path -> the subcommand it registers; a module that is absent is skipped.
-SUBCOMMANDS = ("kvserve.commands.generate", "kvserve.server.cli", "kvserve.bench.cli")
+SUBCOMMANDS = (
+    "kvserve.commands.generate",
+    "kvserve.server.cli",
+    "kvserve.router.cli",
+    "kvserve.bench.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

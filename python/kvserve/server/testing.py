@@ -47,12 +47,19 @@ class ServerProcess:
     metrics_url: str = ""
     lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
+    _deadline: float = 0.0
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
+        return self.launch().wait_ready()
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it (launch several, then wait_ready each).
+        Call it from a thread that outlives the server: the kill-on-parent-death signal
+        follows the thread that started the process."""
         cmd = [
             sys.executable,
             "-c",
@@ -70,7 +77,12 @@ class ServerProcess:
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
         threading.Thread(target=self._read_log, daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout_s
+        self._deadline = time.monotonic() + self.start_timeout_s
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        assert self.proc is not None, "launch() first"
+        deadline = self._deadline
         while not self._ready.wait(0.1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
