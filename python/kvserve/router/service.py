@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                        grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 UNKNOWN_RETRY_AFTER_S = 1
+REPLICA_HEADER = "kvserve-replica"  # initial metadata of a routed Generate stream
 
 
 @dataclass
@@ -209,6 +210,8 @@ class RouterServicer:
             r.pending_prompt_tokens -= prompt_tokens
             pending = False
             labels = (r.name, r.region)
+            # which replica serves it: for operators and tests; sent before any text
+            await context.send_initial_metadata(((REPLICA_HEADER, r.name),))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.prompt_tokens.labels(*labels).inc(prompt_tokens)
             self.metrics.predicted_cached.labels(*labels).inc(predicted_cached)
@@ -280,6 +283,9 @@ class RouterServicer:
             out.metrics[f"{r.name}/up"] = 1.0 if r.connected and not r.refused else 0.0
             out.metrics[f"{r.name}/admitting"] = 1.0 if admits else 0.0
             out.metrics[f"{r.name}/rtt_s"] = r.rtt_s
+            if r.name in self.index.replicas():
+                out.metrics[f"{r.name}/indexed_blocks"] = float(
+                    self.index.replica_stats(r.name)[0])
             if r.load is None or not r.connected:
                 continue
             load = r.load
