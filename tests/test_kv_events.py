@@ -26,9 +26,22 @@ BLOCK = 4
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
     # a small pool: the workload below evicts, so evicted events are exercised too
-    proc = ServerProcess(["--model", str(tiny_llama_dir), "--device", "cpu",
-                          "--kv-cache-memory", "96KiB", "--block-size", str(BLOCK),
-                          "--max-model-len", "128", "--seed", "3"]).start()
+    proc = ServerProcess(
+        [
+            "--model",
+            str(tiny_llama_dir),
+            "--device",
+            "cpu",
+            "--kv-cache-memory",
+            "96KiB",
+            "--block-size",
+            str(BLOCK),
+            "--max-model-len",
+            "128",
+            "--seed",
+            "3",
+        ]
+    ).start()
     try:
         yield proc
     finally:
@@ -57,7 +70,7 @@ class Follower:
             pass
 
     def _apply(self, msg: pb.KvEvents) -> None:
-        hashes = [msg.block_hashes[i:i + 16] for i in range(0, len(msg.block_hashes), 16)]
+        hashes = [msg.block_hashes[i : i + 16] for i in range(0, len(msg.block_hashes), 16)]
         assert msg.block_size == BLOCK
         self.instance = msg.instance_id
         if msg.snapshot:
@@ -101,16 +114,19 @@ def test_events_rebuild_the_cache(server: ServerProcess) -> None:
         chains: list[list[bytes]] = []
         for i in range(40):
             prompt = rng.choice(systems)[: rng.randrange(4, 24)] + [
-                rng.randrange(3, 250) for _ in range(rng.randrange(1, 12))]
+                rng.randrange(3, 250) for _ in range(rng.randrange(1, 12))
+            ]
             req = pb.GenerateRequest(
                 prompt_token_ids=pb.TokenIds(ids=prompt),
-                sampling=pb.SamplingParams(max_tokens=rng.randrange(1, 9), temperature=0.0,
-                                           ignore_eos=True),
-                cache_salt="t" if i % 7 == 0 else None)
+                sampling=pb.SamplingParams(
+                    max_tokens=rng.randrange(1, 9), temperature=0.0, ignore_eos=True
+                ),
+                cache_salt="t" if i % 7 == 0 else None,
+            )
             out = [t for m in stub.Generate(req, timeout=30) for t in m.token_ids]
             computed = prompt + out[:-1]  # the last sampled token has no KV yet
             hs = _core.block_hashes(computed, BLOCK, req.cache_salt or None)
-            chains.append([hs[j:j + 16] for j in range(0, len(hs), 16)])
+            chains.append([hs[j : j + 16] for j in range(0, len(hs), 16)])
         late = Follower(stub)
         settled(late, early)
         held = early.view()
@@ -131,14 +147,33 @@ def test_events_rebuild_the_cache(server: ServerProcess) -> None:
 
 
 def test_events_and_load_need_the_api_key(tiny_llama_dir: Path) -> None:
-    with ServerProcess(["--model", str(tiny_llama_dir), "--device", "cpu",
-                        "--kv-cache-memory", "1MiB", "--metrics-port", "-1"],
-                       env={"KVSERVE_API_KEY": "sekrit"}) as proc, proc.channel() as channel:
+    with (
+        ServerProcess(
+            [
+                "--model",
+                str(tiny_llama_dir),
+                "--device",
+                "cpu",
+                "--kv-cache-memory",
+                "1MiB",
+                "--metrics-port",
+                "-1",
+            ],
+            env={"KVSERVE_API_KEY": "sekrit"},
+        ) as proc,
+        proc.channel() as channel,
+    ):
         stub = KvServeStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             next(iter(stub.StreamKvEvents(pb.StreamKvEventsRequest(), timeout=5)))
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        first = next(iter(stub.StreamKvEvents(
-            pb.StreamKvEventsRequest(), timeout=5,
-            metadata=(("authorization", "Bearer sekrit"),))))
+        first = next(
+            iter(
+                stub.StreamKvEvents(
+                    pb.StreamKvEventsRequest(),
+                    timeout=5,
+                    metadata=(("authorization", "Bearer sekrit"),),
+                )
+            )
+        )
         assert first.snapshot and first.instance_id

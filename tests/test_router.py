@@ -26,13 +26,41 @@ from kvserve.server.testing import ServerProcess
 
 ROUTE = ("kvserve.cli", "route")
 BLOCK = 4
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "paged", "attention", "blocks", "prefix", "cache"]
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "paged",
+    "attention",
+    "blocks",
+    "prefix",
+    "cache",
+]
 
 
 def replica_flags(model: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--device", "cpu", "--kv-cache-memory", "1MiB",
-            "--block-size", str(BLOCK), "--max-model-len", "256", "--seed", "7",
-            "--grace-period", "20", *extra]
+    return [
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--kv-cache-memory",
+        "1MiB",
+        "--block-size",
+        str(BLOCK),
+        "--max-model-len",
+        "256",
+        "--seed",
+        "7",
+        "--grace-period",
+        "20",
+        *extra,
+    ]
 
 
 @dataclass
@@ -70,8 +98,10 @@ def fleet(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         path = tmp_path_factory.mktemp("router") / "replicas.txt"
         # the fourth replica joins later, through the file
         path.write_text("".join(f"{r.target}@region{i % 2}\n" for i, r in enumerate(reps[:3])))
-        router = ServerProcess(["--replicas-file", str(path), "--poll-interval", "0.2",
-                                "--grace-period", "5"], command=ROUTE).start()
+        router = ServerProcess(
+            ["--replicas-file", str(path), "--poll-interval", "0.2", "--grace-period", "5"],
+            command=ROUTE,
+        ).start()
         f = Fleet(tiny_llama_dir, reps, router, path)
         f.wait_for(lambda: all(f.up(r) for r in reps[:3]), "three replicas up")
         yield f
@@ -87,8 +117,9 @@ def prompt(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def generate(stub: KvServeStub, req: pb.GenerateRequest,
-             timeout: float = 30) -> tuple[list[int], pb.GenerateResponse, str]:
+def generate(
+    stub: KvServeStub, req: pb.GenerateRequest, timeout: float = 30
+) -> tuple[list[int], pb.GenerateResponse, str]:
     call = stub.Generate(req, timeout=timeout)
     msgs = list(call)
     replica = dict(call.initial_metadata()).get("kvserve-replica", "")
@@ -96,8 +127,11 @@ def generate(stub: KvServeStub, req: pb.GenerateRequest,
 
 
 def greedy(text: str, max_tokens: int = 6, **kw: Any) -> pb.GenerateRequest:
-    return pb.GenerateRequest(prompt=text, sampling=pb.SamplingParams(
-        max_tokens=max_tokens, temperature=0.0, ignore_eos=True), **kw)
+    return pb.GenerateRequest(
+        prompt=text,
+        sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+        **kw,
+    )
 
 
 def snapshot_size(proc: ServerProcess) -> int:
@@ -126,7 +160,9 @@ def test_greedy_through_the_router_equals_a_replica(fleet: Fleet) -> None:
     info = routed.ModelInfo(pb.ModelInfoRequest(), timeout=5)
     assert info.block_size == BLOCK and info.model
     tok = routed.Tokenize(pb.TokenizeRequest(text="the fox"), timeout=5)
-    assert list(tok.token_ids) == list(direct.Tokenize(pb.TokenizeRequest(text="the fox")).token_ids)
+    assert list(tok.token_ids) == list(
+        direct.Tokenize(pb.TokenizeRequest(text="the fox")).token_ids
+    )
 
 
 def test_index_matches_every_replica_after_a_mixed_workload(fleet: Fleet) -> None:
@@ -137,17 +173,23 @@ def test_index_matches_every_replica_after_a_mixed_workload(fleet: Fleet) -> Non
     async def run() -> None:
         async with fleet.router.channel(aio=True) as ch:
             s = KvServeStub(ch)
-            reqs = [greedy(rng.choice(systems) + " " + prompt(rng, rng.randrange(1, 8)),
-                           max_tokens=rng.randrange(1, 8),
-                           cache_salt="tenant" if i % 5 == 0 else None) for i in range(40)]
+            reqs = [
+                greedy(
+                    rng.choice(systems) + " " + prompt(rng, rng.randrange(1, 8)),
+                    max_tokens=rng.randrange(1, 8),
+                    cache_salt="tenant" if i % 5 == 0 else None,
+                )
+                for i in range(40)
+            ]
             for i in range(0, len(reqs), 8):
-                await asyncio.gather(*(_drain(s.Generate(r, timeout=30)) for r in reqs[i:i + 8]))
+                await asyncio.gather(*(_drain(s.Generate(r, timeout=30)) for r in reqs[i : i + 8]))
 
     asyncio.run(run())
     fleet.wait_for(lambda: index_matches(fleet, fleet.replicas[:3]), "index == snapshots")
     routed = stub.GetLoad(pb.GetLoadRequest())
     assert routed.num_gpu_blocks == sum(
-        fleet.stub(r).GetLoad(pb.GetLoadRequest()).num_gpu_blocks for r in fleet.replicas[:3])
+        fleet.stub(r).GetLoad(pb.GetLoadRequest()).num_gpu_blocks for r in fleet.replicas[:3]
+    )
 
 
 async def _drain(call: Any) -> list[Any]:
@@ -205,8 +247,10 @@ def test_killing_a_replica_mid_load_loses_no_unstarted_request(fleet: Fleet) -> 
     async def run() -> None:
         async with fleet.router.channel(aio=True) as ch:
             s = KvServeStub(ch)
-            tasks = [asyncio.ensure_future(one(s, greedy(prompt(rng, 10), max_tokens=60)))
-                     for _ in range(24)]
+            tasks = [
+                asyncio.ensure_future(one(s, greedy(prompt(rng, 10), max_tokens=60)))
+                for _ in range(24)
+            ]
             await asyncio.sleep(0.4)
             victim.kill()  # SIGKILL: no drain, connections drop
             await asyncio.wait_for(asyncio.gather(*tasks), 60)
@@ -216,9 +260,13 @@ def test_killing_a_replica_mid_load_loses_no_unstarted_request(fleet: Fleet) -> 
     for status, tokens in results:
         # a request either completes or was cut after it had streamed (never duplicated)
         assert status == "ok" or (status == "UNAVAILABLE" and tokens > 0), results
-    fleet.wait_for(lambda: victim.target not in fleet.stub(fleet.router).GetLoad(
-        pb.GetLoadRequest()).metrics or fleet.load().metrics.get(f"{victim.target}/up") == 0,
-        "the killed replica marked down")
+    fleet.wait_for(
+        lambda: (
+            victim.target not in fleet.stub(fleet.router).GetLoad(pb.GetLoadRequest()).metrics
+            or fleet.load().metrics.get(f"{victim.target}/up") == 0
+        ),
+        "the killed replica marked down",
+    )
     assert fleet.load().metrics.get(f"{victim.target}/indexed_blocks", 0) == 0
     for _ in range(6):  # the rest of the fleet serves
         _, last, replica = generate(fleet.stub(fleet.router), greedy(prompt(rng, 8)))
@@ -267,17 +315,43 @@ def test_a_replica_added_to_the_file_starts_receiving_work(fleet: Fleet) -> None
 
 
 def test_fleet_at_capacity_refuses_fast_and_a_mismatch_is_refused(fleet: Fleet) -> None:
-    odd = ServerProcess(["--model", str(fleet.model), "--device", "cpu", "--kv-cache-memory",
-                         "1MiB", "--block-size", "8", "--max-model-len", "256"]).launch()
+    odd = ServerProcess(
+        [
+            "--model",
+            str(fleet.model),
+            "--device",
+            "cpu",
+            "--kv-cache-memory",
+            "1MiB",
+            "--block-size",
+            "8",
+            "--max-model-len",
+            "256",
+        ]
+    ).launch()
     # a long context, so one held stream keeps KV in use for seconds
-    good = ServerProcess(["--model", str(fleet.model), "--device", "cpu", "--kv-cache-memory",
-                          "4MiB", "--block-size", "4", "--max-model-len", "4096"]).launch()
+    good = ServerProcess(
+        [
+            "--model",
+            str(fleet.model),
+            "--device",
+            "cpu",
+            "--kv-cache-memory",
+            "4MiB",
+            "--block-size",
+            "4",
+            "--max-model-len",
+            "4096",
+        ]
+    ).launch()
     odd.wait_ready()
     good.wait_ready()
     path = fleet.replicas_file.with_name("second.txt")
     path.write_text(f"{good.target}\n")
-    router = ServerProcess(["--replicas-file", str(path), "--poll-interval", "0.2",
-                            "--kv-usage-threshold", "0.0001"], command=ROUTE).start()
+    router = ServerProcess(
+        ["--replicas-file", str(path), "--poll-interval", "0.2", "--kv-usage-threshold", "0.0001"],
+        command=ROUTE,
+    ).start()
     try:
         stub = KvServeStub(router.channel())
         # the first replica to answer sets the fleet's model; the odd one joins after it
@@ -312,8 +386,9 @@ def test_fleet_at_capacity_refuses_fast_and_a_mismatch_is_refused(fleet: Fleet) 
 
 def test_a_restarted_router_rebuilds_the_index(fleet: Fleet) -> None:
     fleet.router.stop()
-    fleet.router = ServerProcess(["--replicas-file", str(fleet.replicas_file),
-                                  "--poll-interval", "0.2"], command=ROUTE).start()
+    fleet.router = ServerProcess(
+        ["--replicas-file", str(fleet.replicas_file), "--poll-interval", "0.2"], command=ROUTE
+    ).start()
     live = [fleet.replicas[0], fleet.replicas[1], fleet.replicas[3]]
     fleet.wait_for(lambda: all(fleet.up(r) for r in live), "replicas up")
     fleet.wait_for(lambda: index_matches(fleet, live), "index == snapshots")

@@ -29,10 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--think-time", type=float, default=1.0, help="multiturn: mean seconds")
     p.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
-    p.add_argument("--system-prompts", type=int, default=4,
-                   help="shared-prefix: long system prompts the users share")
-    p.add_argument("--system-prompt-len", type=int, default=0,
-                   help="shared-prefix: their length in tokens (default: half the context)")
+    p.add_argument(
+        "--system-prompts",
+        type=int,
+        default=4,
+        help="shared-prefix: long system prompts the users share",
+    )
+    p.add_argument(
+        "--system-prompt-len",
+        type=int,
+        default=0,
+        help="shared-prefix: their length in tokens (default: half the context)",
+    )
     p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     try:

@@ -100,9 +100,12 @@ class Workload:
         question = self._tokens(int(self.rng.integers(16, 64)))
         out = int(np.clip(self.rng.lognormal(mean=3.5, sigma=0.5), 4, 128))
         prompt, out = self._fit(len(system) + len(question), out)
-        return RequestSpec(request_id=f"bench-{index}",
-                           prompt_token_ids=(system + question)[:prompt], max_tokens=out,
-                           conversation=index)
+        return RequestSpec(
+            request_id=f"bench-{index}",
+            prompt_token_ids=(system + question)[:prompt],
+            max_tokens=out,
+            conversation=index,
+        )
 
     def follow_up(self, spec: RequestSpec, output_token_ids: list[int]) -> RequestSpec | None:
         """The conversation's next turn: previous prompt + answer + a new user message."""

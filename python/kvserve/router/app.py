@@ -64,21 +64,28 @@ async def start_router(cfg: RouterConfig) -> RunningRouter:
     replicas = ReplicaSet(cfg.upstream, fleet, feed.start, feed.forget)
     feed.replicas = replicas
     metrics = RouterMetrics(replicas.all)
-    servicer = RouterServicer(replicas, index, Router(cfg.policy, cfg.seed), metrics, fleet,
-                              state)
+    servicer = RouterServicer(replicas, index, Router(cfg.policy, cfg.seed), metrics, fleet, state)
     interceptors = [BearerAuthInterceptor(front.api_key)] if front.api_key else []
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", front.max_message_bytes),
-        ("grpc.max_send_message_length", front.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", front.max_message_bytes),
+            ("grpc.max_send_message_length", front.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
     add_kvserve_servicer(servicer, server)  # type: ignore[arg-type]
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((
-        SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (
+            SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     address = host_port(front.host, front.port)
     try:
         if front.tls:
@@ -93,17 +100,24 @@ async def start_router(cfg: RouterConfig) -> RunningRouter:
     await server.start()
     metrics_http = None
     if front.metrics_port >= 0:
-        metrics_http = MetricsHTTPServer(metrics.registry, front.metrics_host or front.host,
-                                         front.metrics_port)
+        metrics_http = MetricsHTTPServer(
+            metrics.registry, front.metrics_host or front.host, front.metrics_port
+        )
         metrics_http.start()
     discovery = Discovery(list(cfg.replicas), cfg.replicas_file, list(cfg.dns))
     task = asyncio.ensure_future(_discover(cfg, discovery, replicas))
-    log.info("kvserve gRPC listening on %s (router, policy %s, %s, %s)",
-             host_port(front.host, port), cfg.policy, "TLS" if front.tls else "plaintext",
-             "bearer auth" if front.api_key else "no auth")
+    log.info(
+        "kvserve gRPC listening on %s (router, policy %s, %s, %s)",
+        host_port(front.host, port),
+        cfg.policy,
+        "TLS" if front.tls else "plaintext",
+        "bearer auth" if front.api_key else "no auth",
+    )
     if metrics_http is not None:
-        log.info("kvserve metrics on http://%s/metrics",
-                 host_port(front.metrics_host or front.host, metrics_http.port))
+        log.info(
+            "kvserve metrics on http://%s/metrics",
+            host_port(front.metrics_host or front.host, metrics_http.port),
+        )
     return RunningRouter(server, health, state, replicas, metrics_http, task, port)
 
 

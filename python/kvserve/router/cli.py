@@ -15,6 +15,7 @@ def register(subparsers: Any) -> None:
         help="route requests over a fleet of replicas",
         description="One kvserve.v1 endpoint for a fleet of `kvserve serve` replicas: routes "
         "each request where its predicted time to first token is lowest (prefix-cache "
-        "aware), fails over, and refuses at fleet capacity. Same as kvserve-router.")
+        "aware), fails over, and refuses at fleet capacity. Same as kvserve-router.",
+    )
     add_router_args(parser)
     parser.set_defaults(func=run)

@@ -88,8 +88,12 @@ class Discovery:
             try:
                 infos = await loop.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
             except OSError as exc:
-                log.warning("DNS %s: %s; keeping %d addresses", name.target, exc,
-                            len(self._from_dns.get(name.target, [])))
+                log.warning(
+                    "DNS %s: %s; keeping %d addresses",
+                    name.target,
+                    exc,
+                    len(self._from_dns.get(name.target, [])),
+                )
                 continue
             addrs = sorted({info[4][0] for info in infos})
             self._from_dns[name.target] = [

@@ -52,8 +52,12 @@ class IndexFeed:
                     r.instance_id = msg.instance_id or r.instance_id
                     continue
                 if msg.seq != next_seq:
-                    log.warning("replica %s: event %d, expected %d; resubscribing", r.name,
-                                msg.seq, next_seq)
+                    log.warning(
+                        "replica %s: event %d, expected %d; resubscribing",
+                        r.name,
+                        msg.seq,
+                        next_seq,
+                    )
                     break
                 self._apply(r.name, msg.kinds, msg.block_hashes)
                 next_seq += len(msg.kinds)
@@ -69,7 +73,7 @@ class IndexFeed:
         start = 0
         for i in range(1, len(kinds) + 1):
             if i == len(kinds) or kinds[i] != kinds[start]:
-                chunk = hashes[start * 16:i * 16]
+                chunk = hashes[start * 16 : i * 16]
                 if kinds[start] == STORED:
                     self.index.store(name, chunk)
                 elif kinds[start] == EVICTED:

@@ -18,9 +18,11 @@ def run(args: argparse.Namespace) -> int:
     except (ServerConfigError, ValueError) as exc:
         print(f"kvserve route: error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
     logging.getLogger("kvserve").setLevel(cfg.log_level)
     try:
         check_ports_free(cfg.front)
@@ -35,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvserve-router",
-        description="Route kvserve.v1 requests over a fleet of kvserve replicas.")
+        description="Route kvserve.v1 requests over a fleet of kvserve replicas.",
+    )
     add_router_args(parser)
     return parser
 

@@ -19,13 +19,21 @@ class _FleetCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         rs = self._replicas()
-        kv = GaugeMetricFamily("kvserve_router_replica_kv_usage",
-                               "KV-cache use each replica reported", labels=["replica", "region"])
-        waiting = GaugeMetricFamily("kvserve_router_replica_waiting",
-                                    "requests waiting at each replica", labels=["replica", "region"])
-        up = GaugeMetricFamily("kvserve_router_replica_up",
-                               "1 when the replica is connected, serving and not refused",
-                               labels=["replica", "region"])
+        kv = GaugeMetricFamily(
+            "kvserve_router_replica_kv_usage",
+            "KV-cache use each replica reported",
+            labels=["replica", "region"],
+        )
+        waiting = GaugeMetricFamily(
+            "kvserve_router_replica_waiting",
+            "requests waiting at each replica",
+            labels=["replica", "region"],
+        )
+        up = GaugeMetricFamily(
+            "kvserve_router_replica_up",
+            "1 when the replica is connected, serving and not refused",
+            labels=["replica", "region"],
+        )
         blocks = used = total_waiting = 0
         for r in rs:
             labels = [r.name, r.region]
@@ -40,11 +48,16 @@ class _FleetCollector(Collector):
         yield kv
         yield waiting
         yield up
-        yield GaugeMetricFamily("kvserve_router_fleet_kv_usage",
-                                "used / total GPU KV blocks over connected replicas",
-                                value=used / blocks if blocks else 0.0)
-        yield GaugeMetricFamily("kvserve_router_fleet_waiting",
-                                "requests waiting over connected replicas", value=total_waiting)
+        yield GaugeMetricFamily(
+            "kvserve_router_fleet_kv_usage",
+            "used / total GPU KV blocks over connected replicas",
+            value=used / blocks if blocks else 0.0,
+        )
+        yield GaugeMetricFamily(
+            "kvserve_router_fleet_waiting",
+            "requests waiting over connected replicas",
+            value=total_waiting,
+        )
 
 
 class RouterMetrics:
@@ -53,29 +66,45 @@ class RouterMetrics:
         r = self.registry
         labels = ["replica", "region"]
         self.requests = Counter("kvserve_router_requests", "requests routed", labels, registry=r)
-        self.tokens = Counter("kvserve_router_tokens", "completion tokens streamed back", labels,
-                              registry=r)
-        self.prompt_tokens = Counter("kvserve_router_prompt_tokens", "prompt tokens routed",
-                                     labels, registry=r)
+        self.tokens = Counter(
+            "kvserve_router_tokens", "completion tokens streamed back", labels, registry=r
+        )
+        self.prompt_tokens = Counter(
+            "kvserve_router_prompt_tokens", "prompt tokens routed", labels, registry=r
+        )
         self.predicted_cached = Counter(
             "kvserve_router_predicted_cached_tokens",
-            "prompt tokens the index predicted cached at the chosen replica", labels, registry=r)
+            "prompt tokens the index predicted cached at the chosen replica",
+            labels,
+            registry=r,
+        )
         self.reported_cached = Counter(
             "kvserve_router_reported_cached_tokens",
-            "prompt tokens the replica reported served from its cache (usage)", labels,
-            registry=r)
-        self.at_capacity = Counter("kvserve_router_at_capacity",
-                                   "requests refused because no replica could take them",
-                                   registry=r)
-        self.retries = Counter("kvserve_router_retries",
-                               "requests moved to the next replica before their first token",
-                               ["replica", "region", "code"], registry=r)
-        self.cut = Counter("kvserve_router_streams_cut", "streams cut after their first token",
-                           labels, registry=r)
-        self.decision = Histogram("kvserve_router_decision_seconds",
-                                  "time to pick a replica (index lookup and policy; "
-                                  "tokenizing not included)", buckets=_DECISION_BUCKETS,
-                                  registry=r)
-        self.tokenize = Histogram("kvserve_router_tokenize_seconds",
-                                  "time to tokenize a prompt at a replica", registry=r)
+            "prompt tokens the replica reported served from its cache (usage)",
+            labels,
+            registry=r,
+        )
+        self.at_capacity = Counter(
+            "kvserve_router_at_capacity",
+            "requests refused because no replica could take them",
+            registry=r,
+        )
+        self.retries = Counter(
+            "kvserve_router_retries",
+            "requests moved to the next replica before their first token",
+            ["replica", "region", "code"],
+            registry=r,
+        )
+        self.cut = Counter(
+            "kvserve_router_streams_cut", "streams cut after their first token", labels, registry=r
+        )
+        self.decision = Histogram(
+            "kvserve_router_decision_seconds",
+            "time to pick a replica (index lookup and policy; tokenizing not included)",
+            buckets=_DECISION_BUCKETS,
+            registry=r,
+        )
+        self.tokenize = Histogram(
+            "kvserve_router_tokenize_seconds", "time to tokenize a prompt at a replica", registry=r
+        )
         r.register(_FleetCollector(replicas))

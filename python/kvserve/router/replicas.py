@@ -56,8 +56,9 @@ class FleetModel:
         """None when `info` fits the fleet (adopting it if first), else why not."""
         if self.info is None:
             self.info = info
-            log.info("fleet model %r, block size %d (from replica %s)", info.model,
-                     info.block_size, name)
+            log.info(
+                "fleet model %r, block size %d (from replica %s)", info.model, info.block_size, name
+            )
             return None
         if info.model != self.info.model:
             return f"model {info.model!r} != fleet model {self.info.model!r}"
@@ -96,17 +97,27 @@ class Replica:
 
     def admits(self, kv_usage_threshold: float) -> bool:
         load = self.load
-        return (self.connected and self.serving and not self.refused and load is not None
-                and load.admitting and load.kv_usage <= kv_usage_threshold)
+        return (
+            self.connected
+            and self.serving
+            and not self.refused
+            and load is not None
+            and load.admitting
+            and load.kv_usage <= kv_usage_threshold
+        )
 
 
 class ReplicaSet:
     """The replicas the router knows, by target. `on_down(replica)` runs when one stops
     answering or its stream drops (the index forgets it at once)."""
 
-    def __init__(self, upstream: UpstreamConfig, fleet: FleetModel,
-                 feed: Callable[[Replica], asyncio.Task[None]],
-                 on_down: Callable[[Replica], None]) -> None:
+    def __init__(
+        self,
+        upstream: UpstreamConfig,
+        fleet: FleetModel,
+        feed: Callable[[Replica], asyncio.Task[None]],
+        on_down: Callable[[Replica], None],
+    ) -> None:
         self.upstream = upstream
         self.fleet = fleet
         self.replicas: dict[str, Replica] = {}
@@ -158,8 +169,9 @@ class ReplicaSet:
         while True:
             try:
                 if r.load is None or r.refused:
-                    info = await r.stub.ModelInfo(pb.ModelInfoRequest(), timeout=timeout,
-                                                  metadata=md)
+                    info = await r.stub.ModelInfo(
+                        pb.ModelInfoRequest(), timeout=timeout, metadata=md
+                    )
                     why = self.fleet.check(r.name, info)
                     if why is not None:
                         if not r.refused:
@@ -168,8 +180,9 @@ class ReplicaSet:
                         await asyncio.sleep(self.upstream.poll_interval_s * 4)
                         continue
                     r.refused = ""
-                h = await r.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
-                                         timeout=timeout)
+                h = await r.health.Check(
+                    health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+                )
                 start = time.monotonic()
                 load = await r.stub.GetLoad(pb.GetLoadRequest(), timeout=timeout, metadata=md)
                 rtt = time.monotonic() - start

@@ -22,8 +22,14 @@ from kvserve.server.proto.decode import BadRequest
 log = logging.getLogger(__name__)
 
 # Failures before the first token that another replica may not have.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
+RETRYABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 UNKNOWN_RETRY_AFTER_S = 1
 REPLICA_HEADER = "kvserve-replica"  # initial metadata of a routed Generate stream
 
@@ -55,8 +61,15 @@ def _retry_after(metadata: Any) -> int | None:
 
 
 class RouterServicer:
-    def __init__(self, replicas: ReplicaSet, index: Any, router: Router,
-                 metrics: RouterMetrics, fleet: FleetModel, state: RouterState) -> None:
+    def __init__(
+        self,
+        replicas: ReplicaSet,
+        index: Any,
+        router: Router,
+        metrics: RouterMetrics,
+        fleet: FleetModel,
+        state: RouterState,
+    ) -> None:
         self.replicas = replicas
         self.index = index
         self.router = router
@@ -75,8 +88,11 @@ class RouterServicer:
         return [r for r in self.replicas.all() if r.connected and not r.refused]
 
     def fleet_retry_after(self) -> int:
-        waits = [r.load.retry_after_s for r in self._reachable()
-                 if r.load is not None and r.load.retry_after_s > 0]
+        waits = [
+            r.load.retry_after_s
+            for r in self._reachable()
+            if r.load is not None and r.load.retry_after_s > 0
+        ]
         return max(1, math.ceil(min(waits))) if waits else UNKNOWN_RETRY_AFTER_S
 
     async def _at_capacity(self, context: Any, retry_after: int | None = None) -> NoReturn:
@@ -85,15 +101,18 @@ class RouterServicer:
         self.metrics.at_capacity.inc()
         wait = retry_after if retry_after is not None else self.fleet_retry_after()
         context.set_trailing_metadata((("retry-after", str(wait)),))
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                            "at capacity: no replica of the fleet can take a request now")
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "at capacity: no replica of the fleet can take a request now",
+        )
         raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
 
     def _md(self) -> tuple[tuple[str, str], ...]:
         return self.replicas.upstream.metadata()
 
-    async def _prompt_ids(self, request: pb.GenerateRequest, via: Replica,
-                          context: Any) -> list[int]:
+    async def _prompt_ids(
+        self, request: pb.GenerateRequest, via: Replica, context: Any
+    ) -> list[int]:
         which = request.WhichOneof("input")
         if which == "prompt_token_ids":
             return list(request.prompt_token_ids.ids)
@@ -103,8 +122,9 @@ class RouterServicer:
             tok = pb.TokenizeRequest(text=request.prompt)
         start = time.perf_counter()
         try:
-            resp = await via.stub.Tokenize(tok, timeout=self.replicas.upstream.rpc_timeout_s,
-                                           metadata=self._md())
+            resp = await via.stub.Tokenize(
+                tok, timeout=self.replicas.upstream.rpc_timeout_s, metadata=self._md()
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 await context.abort(exc.code(), exc.details() or "invalid request")
@@ -133,8 +153,7 @@ class RouterServicer:
             if not self.state.live:
                 self.state.idle.set()
 
-    async def _route(self, request: pb.GenerateRequest, context: Any,
-                     live: list[Replica]) -> None:
+    async def _route(self, request: pb.GenerateRequest, context: Any, live: list[Replica]) -> None:
         block_size = self.fleet.info.block_size if self.fleet.info else 0
         # The index needs the prompt's tokens; the nearest replica tokenizes. Every policy
         # does, so the overlap metrics exist for all and they compare at equal cost.
@@ -146,17 +165,22 @@ class RouterServicer:
             ids = []
         start = time.perf_counter()
         salt = request.cache_salt if request.HasField("cache_salt") else None
-        overlaps, _ = (self.index.match_prompt(ids, block_size, salt) if ids and block_size
-                       else ({}, 0))
-        cands = [Candidate(
-            name=r.name, rtt_s=r.rtt_s,
-            prefill_tokens_per_s=r.load.prefill_tokens_per_s if r.load else 0.0,
-            decode_step_s=r.load.decode_step_s if r.load else 0.0,
-            waiting_prompt_tokens=r.load.waiting_prompt_tokens if r.load else 0,
-            pending_prompt_tokens=r.pending_prompt_tokens,
-            in_flight=max(r.in_flight, r.load.in_flight if r.load else 0),
-            cached_tokens=overlaps.get(r.name, 0) * block_size,
-        ) for r in live]
+        overlaps, _ = (
+            self.index.match_prompt(ids, block_size, salt) if ids and block_size else ({}, 0)
+        )
+        cands = [
+            Candidate(
+                name=r.name,
+                rtt_s=r.rtt_s,
+                prefill_tokens_per_s=r.load.prefill_tokens_per_s if r.load else 0.0,
+                decode_step_s=r.load.decode_step_s if r.load else 0.0,
+                waiting_prompt_tokens=r.load.waiting_prompt_tokens if r.load else 0,
+                pending_prompt_tokens=r.pending_prompt_tokens,
+                in_flight=max(r.in_flight, r.load.in_flight if r.load else 0),
+                cached_tokens=overlaps.get(r.name, 0) * block_size,
+            )
+            for r in live
+        ]
         ranked = self.router.rank(cands, len(ids))
         self.metrics.decision.observe(time.perf_counter() - start)
         refused_wait: list[int] = []
@@ -165,9 +189,14 @@ class RouterServicer:
             r = self.replicas.replicas.get(cand.name)
             if r is None or not r.admits(self.replicas.upstream.kv_usage_threshold):
                 continue
-            log.debug("route %s -> %s (%s): predicted cached %d of %d prompt tokens",
-                      request.request_id or "-", r.name, r.region or "-", cand.cached_tokens,
-                      len(ids))
+            log.debug(
+                "route %s -> %s (%s): predicted cached %d of %d prompt tokens",
+                request.request_id or "-",
+                r.name,
+                r.region or "-",
+                cand.cached_tokens,
+                len(ids),
+            )
             try:
                 await self._stream(r, request, context, len(ids), cand.cached_tokens)
                 return
@@ -177,15 +206,24 @@ class RouterServicer:
                 if last.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     wait = _retry_after(last.trailing_metadata())
                     refused_wait.append(wait if wait is not None else UNKNOWN_RETRY_AFTER_S)
-                log.info("replica %s failed before the first token (%s); trying the next",
-                         r.name, last.code().name)
+                log.info(
+                    "replica %s failed before the first token (%s); trying the next",
+                    r.name,
+                    last.code().name,
+                )
         if refused_wait and last is not None and last.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             await self._at_capacity(context, min(refused_wait))
         detail = f": {last.code().name} {last.details()}" if last is not None else ""
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"no replica could serve it{detail}")
 
-    async def _stream(self, r: Replica, request: pb.GenerateRequest, context: Any,
-                      prompt_tokens: int, predicted_cached: int) -> None:
+    async def _stream(
+        self,
+        r: Replica,
+        request: pb.GenerateRequest,
+        context: Any,
+        prompt_tokens: int,
+        predicted_cached: int,
+    ) -> None:
         """Relay one upstream stream. _Retry when it fails before its first message."""
         remaining = context.time_remaining()
         call = r.stub.Generate(request, timeout=remaining, metadata=self._md())
@@ -205,8 +243,11 @@ class RouterServicer:
                     context.set_trailing_metadata((("retry-after", str(wait)),))
                 await context.abort(exc.code(), exc.details() or exc.code().name)
             if msg is grpc.aio.EOF:
-                raise _Retry(grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, None, None,
-                                                  "stream ended before any message"))
+                raise _Retry(
+                    grpc.aio.AioRpcError(
+                        grpc.StatusCode.UNAVAILABLE, None, None, "stream ended before any message"
+                    )
+                )
             r.pending_prompt_tokens -= prompt_tokens
             pending = False
             labels = (r.name, r.region)
@@ -220,8 +261,7 @@ class RouterServicer:
                 sent += len(msg.token_ids)
                 self.metrics.tokens.labels(*labels).inc(len(msg.token_ids))
                 if msg.finished:
-                    self.metrics.reported_cached.labels(*labels).inc(
-                        msg.usage.cached_prompt_tokens)
+                    self.metrics.reported_cached.labels(*labels).inc(msg.usage.cached_prompt_tokens)
                     done = True
                     return
                 try:
@@ -231,11 +271,14 @@ class RouterServicer:
                     await context.abort(
                         grpc.StatusCode.UNAVAILABLE,
                         f"stream from replica {r.name} cut after {sent} tokens: "
-                        f"{exc.code().name} {exc.details() or ''}".rstrip())
+                        f"{exc.code().name} {exc.details() or ''}".rstrip(),
+                    )
                 if msg is grpc.aio.EOF:
                     self.metrics.cut.labels(*labels).inc()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                        f"stream from replica {r.name} ended unfinished")
+                    await context.abort(
+                        grpc.StatusCode.UNAVAILABLE,
+                        f"stream from replica {r.name} ended unfinished",
+                    )
         finally:
             if not done:
                 call.cancel()  # client cancel or deadline: the replica frees the blocks
@@ -249,19 +292,23 @@ class RouterServicer:
         last: grpc.aio.AioRpcError | None = None
         for r in sorted(self._reachable(), key=lambda r: r.rtt_s):
             try:
-                return await r.stub.Tokenize(request, timeout=context.time_remaining(),
-                                             metadata=self._md())
+                return await r.stub.Tokenize(
+                    request, timeout=context.time_remaining(), metadata=self._md()
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in RETRYABLE:
                     await context.abort(exc.code(), exc.details() or exc.code().name)
                 last = exc
-        await context.abort(grpc.StatusCode.UNAVAILABLE,
-                            "no replica is reachable" + (f": {last.details()}" if last else ""))
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "no replica is reachable" + (f": {last.details()}" if last else ""),
+        )
 
     async def StreamKvEvents(self, request: Any, context: Any) -> Any:
         """A router caches nothing: subscribe to the replicas themselves."""
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                            "a router has no KV cache; subscribe to its replicas")
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED, "a router has no KV cache; subscribe to its replicas"
+        )
         yield  # pragma: no cover -- an async generator, as the stream handler must be
 
     async def ModelInfo(self, request: Any, context: Any) -> pb.ModelInfoResponse:
@@ -284,13 +331,19 @@ class RouterServicer:
             out.metrics[f"{r.name}/admitting"] = 1.0 if admits else 0.0
             out.metrics[f"{r.name}/rtt_s"] = r.rtt_s
             if r.name in self.index.replicas():
-                out.metrics[f"{r.name}/indexed_blocks"] = float(
-                    self.index.replica_stats(r.name)[0])
+                out.metrics[f"{r.name}/indexed_blocks"] = float(self.index.replica_stats(r.name)[0])
             if r.load is None or not r.connected:
                 continue
             load = r.load
-            for name in ("kv_usage", "running", "waiting", "prefill_tokens_per_s",
-                         "decode_step_s", "waiting_prompt_tokens", "prefix_hit_rate"):
+            for name in (
+                "kv_usage",
+                "running",
+                "waiting",
+                "prefill_tokens_per_s",
+                "decode_step_s",
+                "waiting_prompt_tokens",
+                "prefix_hit_rate",
+            ):
                 out.metrics[f"{r.name}/{name}"] = float(getattr(load, name))
             out.running += load.running
             out.waiting += load.waiting

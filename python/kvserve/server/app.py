@@ -79,12 +79,20 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
     engine.add_step_listener(load_stats.on_step)
     kv_events = None
     if hasattr(engine, "kv_event_source"):
-        kv_events = KvEventHub(engine.kv_event_source, uuid.uuid4().hex,
-                               int(engine.model_info.get("block_size", 0)))
+        kv_events = KvEventHub(
+            engine.kv_event_source, uuid.uuid4().hex, int(engine.model_info.get("block_size", 0))
+        )
         kv_events.attach(asyncio.get_running_loop())
         engine.add_step_listener(kv_events.on_step)
-    servicer = KvServeServicer(engine, metrics, state, RetryAfterEstimator(), device=device,
-                               kv_events=kv_events, load_stats=load_stats)
+    servicer = KvServeServicer(
+        engine,
+        metrics,
+        state,
+        RetryAfterEstimator(),
+        device=device,
+        kv_events=kv_events,
+        load_stats=load_stats,
+    )
     add_kvserve_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

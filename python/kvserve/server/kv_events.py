@@ -35,8 +35,7 @@ class KvEventSource(Protocol):
 @dataclass(eq=False)  # identity: subscribers live in a set
 class _Subscriber:
     max_batches: int
-    batches: collections.deque[tuple[int, bytes, bytes]] = field(
-        default_factory=collections.deque)
+    batches: collections.deque[tuple[int, bytes, bytes]] = field(default_factory=collections.deque)
     need_snapshot: bool = True
     covered_seq: int = 0  # events up to here are in the last snapshot sent
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -52,9 +51,14 @@ class _Subscriber:
 
 
 class KvEventHub:
-    def __init__(self, source: KvEventSource, instance_id: str, block_size: int,
-                 queue_batches: int = SUBSCRIBER_QUEUE_BATCHES,
-                 core_capacity: int = CORE_LOG_CAPACITY) -> None:
+    def __init__(
+        self,
+        source: KvEventSource,
+        instance_id: str,
+        block_size: int,
+        queue_batches: int = SUBSCRIBER_QUEUE_BATCHES,
+        core_capacity: int = CORE_LOG_CAPACITY,
+    ) -> None:
         self.source = source
         self.instance_id = instance_id
         self.block_size = block_size
@@ -109,7 +113,10 @@ class KvEventHub:
                 skip = max(0, sub.covered_seq + 1 - first_seq)
                 if skip >= len(kinds):
                     continue
-                yield self._message(seq=first_seq + skip, kinds=kinds[skip:],
-                                    block_hashes=hashes[skip * HASH_BYTES:])
+                yield self._message(
+                    seq=first_seq + skip,
+                    kinds=kinds[skip:],
+                    block_hashes=hashes[skip * HASH_BYTES :],
+                )
         finally:
             self._subs.discard(sub)
