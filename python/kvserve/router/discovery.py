@@ -72,12 +72,12 @@ class Discovery:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp == self._file_stamp:
             return False
+        self._file_stamp = stamp  # a bad version is logged once, not on every poll
         try:
             self._from_file = read_replicas_file(self.replicas_file)
         except (OSError, DiscoveryError) as exc:
             log.warning("%s; keeping the previous replica list", exc)
             return False
-        self._file_stamp = stamp
         log.info("replicas file %s: %d replicas", self.replicas_file, len(self._from_file))
         return True
 
