@@ -14,15 +14,15 @@ from kvserve.router.policy import Candidate, Router
 
 
 def cand(name: str, **kw: float) -> Candidate:
-    base = dict(
-        rtt_s=0.001,
-        prefill_tokens_per_s=1000.0,
-        decode_step_s=0.01,
-        waiting_prompt_tokens=0,
-        pending_prompt_tokens=0,
-        in_flight=0,
-        cached_tokens=0,
-    )
+    base = {
+        "rtt_s": 0.001,
+        "prefill_tokens_per_s": 1000.0,
+        "decode_step_s": 0.01,
+        "waiting_prompt_tokens": 0,
+        "pending_prompt_tokens": 0,
+        "in_flight": 0,
+        "cached_tokens": 0,
+    }
     base.update(kw)
     return Candidate(name=name, **base)  # type: ignore[arg-type]
 
