@@ -123,3 +123,15 @@ def test_replicas_file_is_reread_and_a_bad_edit_keeps_the_last_list(tmp_path: Pa
     path.write_text("127.0.0.1:3\n")
     assert d.refresh_file()
     assert set(d.current()) == {"127.0.0.1:9", "127.0.0.1:3"}
+
+
+def test_a_dns_name_resolves_to_every_address() -> None:
+    import asyncio
+
+    d = Discovery(dns=[ReplicaAddress("localhost:50051", "lab")])
+    asyncio.run(d.refresh_dns())
+    got = d.current()
+    assert "127.0.0.1:50051" in got and got["127.0.0.1:50051"].region == "lab"
+    d.dns = [ReplicaAddress("no-such-host.invalid:1")]
+    asyncio.run(d.refresh_dns())  # a failed lookup keeps what was resolved before
+    assert "127.0.0.1:50051" in d.current()

@@ -95,7 +95,7 @@ class Discovery:
                     len(self._from_dns.get(name.target, [])),
                 )
                 continue
-            addrs = sorted({info[4][0] for info in infos})
+            addrs = sorted({str(info[4][0]) for info in infos})
             self._from_dns[name.target] = [
                 ReplicaAddress(f"[{a}]:{port}" if ":" in a else f"{a}:{port}", name.region)
                 for a in addrs

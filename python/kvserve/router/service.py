@@ -137,6 +137,7 @@ class RouterServicer:
     async def Generate(self, request: pb.GenerateRequest | BadRequest, context: Any) -> None:
         if isinstance(request, BadRequest):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return
         if self.state.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "router is shutting down")
         live = self._admitting()
