@@ -112,6 +112,8 @@ async def wait_ready(client: GrpcClient, n: int, timeout: float = 30.0) -> None:
 
 async def one_run(label: str, policy: str, model: Path, args: argparse.Namespace) -> dict:
     name, extra, rate_mult = WORKLOADS[label]
+    if label == "shared-prefix" and args.system_prompts:
+        extra = {**extra, "system_prompts": args.system_prompts}
     reps, router = start_fleet(model, args.replicas, policy, args)
     client = GrpcClient(router.target)
     try:
@@ -201,6 +203,13 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--kv-cache", default="48MiB", help="each replica's KV pool")
     p.add_argument("--threads-per-replica", type=int, default=1)
+    p.add_argument(
+        "--system-prompts",
+        type=int,
+        default=0,
+        help="shared-prefix: system prompts (default 8); more than one replica's "
+        "cache holds makes the fleet's cache the one that counts",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or build_model(args.out / "model")
