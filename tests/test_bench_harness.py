@@ -200,3 +200,16 @@ def test_kvserve_bench_against_a_running_server(tiny_llama_dir, tmp_path) -> Non
     for summary in summaries:
         assert summary["completed"] == summary["requests"] == 6
         assert summary["prefix_hit_rate"] > 0
+
+
+def test_shared_prefix_prompts_start_with_one_of_the_system_prompts() -> None:
+    w = Workload("shared-prefix", 5000, 1024, seed=6, system_prompts=3, system_prompt_len=200)
+    specs = [w.new_request(i) for i in range(60)]
+    heads = {tuple(s.prompt_token_ids[:200]) for s in specs}
+    assert len(heads) == 3, "every prompt opens with one of the three system prompts"
+    tails = {tuple(s.prompt_token_ids[200:]) for s in specs}
+    assert len(tails) == 60, "and goes on with its own question"
+    assert all(216 <= len(s.prompt_token_ids) < 264 and s.max_tokens >= 1 for s in specs)
+    assert w.follow_up(specs[0], [1, 2]) is None
+    with pytest.raises(ValueError, match="system_prompts"):
+        Workload("shared-prefix", 5000, 1024, system_prompts=0)

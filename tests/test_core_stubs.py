@@ -31,6 +31,8 @@ def _stub_names() -> tuple[set[str], dict[str, set[str]]]:
             members[node.name] = {n.name for n in node.body if isinstance(n, ast.FunctionDef)}
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             top.add(node.target.id)
+        elif isinstance(node, ast.FunctionDef):
+            top.add(node.name)
     return _public(top), {k: _public(v) for k, v in members.items()}
 
 

@@ -148,6 +148,11 @@ class AsyncEngine:
     def add_step_listener(self, fn: StepListener) -> None:
         self.engine.add_step_listener(fn)
 
+    @property
+    def kv_event_source(self) -> LLMEngine:
+        """The engine's prefix-cache event log (kvserve.server.kv_events)."""
+        return self.engine
+
     # ---- the step thread ------------------------------------------------------------------
 
     def _run(self) -> None:

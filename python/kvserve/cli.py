@@ -9,8 +9,13 @@ import sys
 from kvserve import __version__
 
 # module path -> the subcommand it registers; a module that is absent is skipped.
-SUBCOMMANDS = ("kvserve.commands.generate", "kvserve.server.cli", "kvserve.bench.cli",
-               "kvserve.sim.cli")
+SUBCOMMANDS = (
+    "kvserve.commands.generate",
+    "kvserve.server.cli",
+    "kvserve.router.cli",
+    "kvserve.bench.cli",
+    "kvserve.sim.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,7 +301,23 @@ class LLMEngine:
 
     def metrics(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self.core.metrics())
+            m = dict(self.core.metrics())
+            m["waiting_prompt_tokens"] = int(self.core.waiting_prompt_tokens())
+            return m
+
+    # ---- KV events (the prefix cache's stored/evicted block hashes, for routers) ----------
+
+    def enable_kv_events(self, capacity: int) -> None:
+        with self._lock:
+            self.core.enable_kv_events(capacity)
+
+    def drain_kv_events(self) -> tuple[bool, int, bytes, bytes]:
+        with self._lock:
+            return self.core.drain_kv_events()  # type: ignore[no-any-return]
+
+    def kv_snapshot(self) -> tuple[int, bytes]:
+        with self._lock:
+            return self.core.kv_snapshot()  # type: ignore[no-any-return]
 
     def _notify(self, plan: Any, duration: float) -> None:
         if not self._listeners or plan.num_seqs == 0:

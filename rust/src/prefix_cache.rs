@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use xxhash_rust::xxh3::{xxh3_128, Xxh3};
 
+use crate::kv_events::{KvEventBatch, KvEventKind, KvEventLog};
+
 /// Keys are already uniform 128-bit digests: hashing them again would waste time.
 #[derive(Default)]
 pub struct DigestHasher(u64);
@@ -66,6 +68,16 @@ pub fn block_hash(parent: u128, tokens: &[i64]) -> u128 {
     xxh3_128(buf)
 }
 
+/// The digests of every full block of `tokens` under `salt`: the chain the cache keys
+/// blocks by, for routers that must name a prompt's blocks as a replica does.
+pub fn block_hashes(tokens: &[i64], block_size: usize, salt: Option<&str>) -> Vec<u128> {
+    let mut hashes = Vec::with_capacity(tokens.len() / block_size.max(1));
+    if block_size > 0 {
+        extend_hashes(&mut hashes, root_hash(salt), tokens, block_size);
+    }
+    hashes
+}
+
 /// Extends `hashes` (the digests of `tokens`' leading full blocks) to cover every full
 /// block of `tokens`. Cheap when nothing is new.
 pub fn extend_hashes(hashes: &mut Vec<u128>, root: u128, tokens: &[i64], block_size: usize) {
@@ -88,6 +100,7 @@ pub struct PrefixCache {
     evicted_fifo: VecDeque<(u128, u64)>,
     evicted_cap: usize,
     serial: u64,
+    events: KvEventLog,
 }
 
 impl PrefixCache {
@@ -126,12 +139,15 @@ impl PrefixCache {
         if !self.evicted.is_empty() {
             self.evicted.remove(&hash);
         }
+        self.events.record(KvEventKind::Stored, hash);
         true
     }
 
     /// Forgets an evicted block's digest, remembering that it was evicted.
     pub fn on_evicted(&mut self, hash: u128) {
-        self.map.remove(&hash);
+        if self.map.remove(&hash).is_some() {
+            self.events.record(KvEventKind::Evicted, hash);
+        }
         if self.evicted_cap == 0 {
             return;
         }
@@ -154,6 +170,23 @@ impl PrefixCache {
     pub fn iter(&self) -> impl Iterator<Item = (u128, u32)> + '_ {
         self.map.iter().map(|(h, b)| (*h, *b))
     }
+
+    /// Records stored/evicted events in a log of at most `capacity` (0: off).
+    pub fn set_event_capacity(&mut self, capacity: usize) {
+        self.events.set_capacity(capacity);
+    }
+
+    /// The events since the last drain (or a resync flag after an overflow).
+    pub fn drain_events(&mut self) -> KvEventBatch {
+        self.events.drain()
+    }
+
+    /// Every digest cached now and the sequence number of the last event it covers (a
+    /// reader skips drained events up to it). The log is left as it is, so other readers
+    /// of the same drains lose nothing.
+    pub fn snapshot(&self) -> (u64, Vec<u128>) {
+        (self.events.last_seq(), self.map.keys().copied().collect())
+    }
 }
 
 #[cfg(test)]
@@ -172,6 +205,33 @@ mod tests {
         let mut hs = Vec::new();
         extend_hashes(&mut hs, 0, &[1, 2, 3, 4, 5, 6, 7, 8, 9], 4);
         assert_eq!(hs, vec![a, b]);
+    }
+
+    #[test]
+    fn block_hashes_is_the_cache_chain() {
+        let tokens: Vec<i64> = (0..37).collect();
+        let mut hs = Vec::new();
+        extend_hashes(&mut hs, root_hash(Some("s")), &tokens, 8);
+        assert_eq!(block_hashes(&tokens, 8, Some("s")), hs);
+        assert_eq!(hs.len(), 4);
+        assert!(block_hashes(&tokens, 0, None).is_empty());
+    }
+
+    #[test]
+    fn events_follow_inserts_and_evictions() {
+        use crate::kv_events::KvEventKind::*;
+        let mut pc = PrefixCache::new(8, 0);
+        pc.insert(1, 0); // before recording: only in the snapshot
+        pc.set_event_capacity(16);
+        assert!(pc.insert(2, 1));
+        assert!(!pc.insert(2, 3), "a duplicate stores nothing");
+        pc.on_evicted(1);
+        pc.on_evicted(9); // never cached: no event
+        let b = pc.drain_events();
+        assert_eq!((b.kinds, b.hashes), (vec![Stored, Evicted], vec![2, 1]));
+        let (seq, mut snap) = pc.snapshot();
+        snap.sort();
+        assert_eq!((seq, snap), (2, vec![2]));
     }
 
     #[test]

@@ -33,6 +33,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--think-time", type=float, default=1.0, help="multiturn: mean seconds")
     p.add_argument("--turns", type=int, default=4, help="multiturn: turns per conversation")
+    p.add_argument(
+        "--system-prompts",
+        type=int,
+        default=4,
+        help="shared-prefix: long system prompts the users share",
+    )
+    p.add_argument(
+        "--system-prompt-len",
+        type=int,
+        default=0,
+        help="shared-prefix: their length in tokens (default: half the context)",
+    )
     p.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
     p.add_argument("--no-plots", action="store_true")
     try:
@@ -93,6 +105,8 @@ async def _bench(args: argparse.Namespace) -> int:
                 seed=seed,
                 think_time_s=args.think_time,
                 turns=args.turns,
+                system_prompts=args.system_prompts,
+                system_prompt_len=args.system_prompt_len,
             )
             label = f"{args.workload} @ {'inf' if rate <= 0 else rate}/s"
             with tqdm(total=args.num_requests, desc=label, unit="req", file=sys.stderr) as bar:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-WORKLOADS = ("synthetic", "multiturn", "prefill-heavy", "decode-heavy")
+WORKLOADS = ("synthetic", "multiturn", "shared-prefix", "prefill-heavy", "decode-heavy")
 
 
 @dataclass
@@ -37,16 +37,25 @@ class Workload:
     seed: int = 0
     think_time_s: float = 1.0
     turns: int = 4
+    system_prompts: int = 4  # shared-prefix: how many long system prompts users share
+    system_prompt_len: int = 0  # shared-prefix: their length (0: half the context)
     rng: np.random.Generator = field(init=False)
     _fresh: itertools.count = field(init=False)
+    _systems: list[list[int]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         if self.name not in WORKLOADS:
             raise ValueError(f"workload: {self.name!r} is not one of {', '.join(WORKLOADS)}")
         if self.vocab_size < 256:
             raise ValueError(f"vocab_size: {self.vocab_size} is too small (need >= 256)")
+        if self.system_prompts < 1:
+            raise ValueError(f"system_prompts: must be >= 1, got {self.system_prompts}")
         self.rng = np.random.default_rng(self.seed)
         self._fresh = itertools.count(1_000_000)  # conversation ids for fresh starts
+        if self.name == "shared-prefix":
+            n = self.system_prompt_len or self.max_model_len // 2
+            n = max(1, min(n, self.max_model_len * 3 // 4 - 64))
+            self._systems = [self._tokens(n) for _ in range(self.system_prompts)]
 
     def _tokens(self, n: int) -> list[int]:
         # Stay clear of the low ids, where tokenizers keep their special tokens.
@@ -72,6 +81,8 @@ class Workload:
         return prompt, out
 
     def new_request(self, index: int) -> RequestSpec:
+        if self.name == "shared-prefix":
+            return self._shared_prefix_request(index)
         prompt, out = self._lengths()
         turns_left = self.turns - 1 if self.name == "multiturn" else 0
         return RequestSpec(
@@ -81,6 +92,19 @@ class Workload:
             conversation=index,
             turn=0,
             turns_left=turns_left,
+        )
+
+    def _shared_prefix_request(self, index: int) -> RequestSpec:
+        """One of a few long system prompts (users of the same app), then a unique question."""
+        system = self._systems[int(self.rng.integers(len(self._systems)))]
+        question = self._tokens(int(self.rng.integers(16, 64)))
+        out = int(np.clip(self.rng.lognormal(mean=3.5, sigma=0.5), 4, 128))
+        prompt, out = self._fit(len(system) + len(question), out)
+        return RequestSpec(
+            request_id=f"bench-{index}",
+            prompt_token_ids=(system + question)[:prompt],
+            max_tokens=out,
+            conversation=index,
         )
 
     def follow_up(self, spec: RequestSpec, output_token_ids: list[int]) -> RequestSpec | None:

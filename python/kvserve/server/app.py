@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,8 @@ from kvserve.server.auth import BearerAuthInterceptor
 from kvserve.server.config import ServerConfig
 from kvserve.server.http.app import HttpContext
 from kvserve.server.http.front import HttpFront, start_http
+from kvserve.server.kv_events import KvEventHub
+from kvserve.server.load_stats import LoadStats
 from kvserve.server.metrics import ServerMetrics, ridge_point
 from kvserve.server.metrics_http import MetricsHTTPServer
 from kvserve.server.proto.service import SERVICE_NAME, add_kvserve_servicer
@@ -77,7 +80,24 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
         ],
     )
     retry = RetryAfterEstimator()
-    servicer = KvServeServicer(engine, metrics, state, retry, device=device)
+    load_stats = LoadStats()
+    engine.add_step_listener(load_stats.on_step)
+    kv_events = None
+    if hasattr(engine, "kv_event_source"):
+        kv_events = KvEventHub(
+            engine.kv_event_source, uuid.uuid4().hex, int(engine.model_info.get("block_size", 0))
+        )
+        kv_events.attach(asyncio.get_running_loop())
+        engine.add_step_listener(kv_events.on_step)
+    servicer = KvServeServicer(
+        engine,
+        metrics,
+        state,
+        retry,
+        device=device,
+        kv_events=kv_events,
+        load_stats=load_stats,
+    )
     add_kvserve_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

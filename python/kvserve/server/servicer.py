@@ -14,6 +14,8 @@ from kvserve import __version__
 from kvserve.errors import AtCapacityError, RequestTooLargeError
 from kvserve.sampling import SamplingParams
 from kvserve.server import convert
+from kvserve.server.kv_events import KvEventHub
+from kvserve.server.load_stats import LoadStats
 from kvserve.server.metrics import RequestTimer, ServerMetrics
 from kvserve.server.proto import pb
 from kvserve.server.proto.decode import BadRequest
@@ -51,12 +53,16 @@ class KvServeServicer:
         state: ServerState,
         retry: RetryAfterEstimator,
         device: str = "",
+        kv_events: KvEventHub | None = None,
+        load_stats: LoadStats | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.state = state
         self.retry = retry
         self.device = device
+        self.kv_events = kv_events
+        self.load_stats = load_stats or LoadStats()
 
     async def _reject(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str
@@ -196,6 +202,21 @@ class KvServeServicer:
             await self._reject(
                 context, grpc.StatusCode.INVALID_ARGUMENT, request.message, "invalid_argument"
             )
-        resp = convert.to_load(await self._load(), in_flight=len(self.state.live))
+        load = await self._load()
+        resp = convert.to_load(load, in_flight=len(self.state.live))
         resp.admitting = resp.admitting and not self.state.draining
+        resp.prefill_tokens_per_s, resp.decode_step_s = self.load_stats.snapshot()
+        resp.waiting_prompt_tokens = int(load.get("waiting_prompt_tokens", 0))
+        ahead = int(load.get("waiting", 0)) + int(load.get("running", 0))
+        resp.retry_after_s = float(self.retry.seconds(ahead))
+        if self.kv_events is not None:
+            resp.instance_id = self.kv_events.instance_id
         return resp
+
+    async def StreamKvEvents(self, request: Any, context: Any) -> Any:
+        """The prefix cache's block hashes: a snapshot, then live events (see kv_events)."""
+        if self.kv_events is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server has no KV events")
+            return
+        async for message in self.kv_events.subscribe():
+            yield message

@@ -17,6 +17,7 @@ import grpc
 
 KVSERVE_SERVE = ("kvserve.cli", "serve")
 KVSERVE_SERVER = ("kvserve.server.main",)  # the kvserve-server console script
+KVSERVE_ROUTE = ("kvserve.cli", "route")  # the router: gRPC and metrics, no HTTP front
 _LISTEN = re.compile(r"kvserve gRPC listening on (\S+):(\d+) ")
 _METRICS = re.compile(r"kvserve metrics on (http://\S+/metrics)")
 _HTTP = re.compile(r"kvserve HTTP listening on (https?://\S+) ")
@@ -50,12 +51,23 @@ class ServerProcess:
     http_url: str = ""  # e.g. http://127.0.0.1:PORT (OpenAI base URL: http_url + "/v1")
     lines: list[str] = field(default_factory=list)
     _ready: threading.Event = field(default_factory=threading.Event)
+    _deadline: float = 0.0
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
+        return self.launch().wait_ready()
+
+    @property
+    def serves_http(self) -> bool:
+        return tuple(self.command) != KVSERVE_ROUTE
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it (launch several, then wait_ready each).
+        Call it from a thread that outlives the server: the kill-on-parent-death signal
+        follows the thread that started the process."""
         cmd = [
             sys.executable,
             "-c",
@@ -65,8 +77,7 @@ class ServerProcess:
             "0",
             "--metrics-port",
             "0",
-            "--http-port",
-            "0",
+            *(("--http-port", "0") if self.serves_http else ()),
             *self.args,
         ]
         env = {**os.environ, **(self.env or {})}
@@ -75,7 +86,12 @@ class ServerProcess:
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
         )
         threading.Thread(target=self._read_log, daemon=True).start()
-        deadline = time.monotonic() + self.start_timeout_s
+        self._deadline = time.monotonic() + self.start_timeout_s
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        assert self.proc is not None, "launch() first"
+        deadline = self._deadline
         while not self._ready.wait(0.1):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
@@ -95,7 +111,8 @@ class ServerProcess:
             if (
                 self.port
                 and (self.metrics_url or _flag(self.args, "--metrics-port") == "-1")
-                and (self.http_url or _flag(self.args, "--http-port") == "-1")
+                and (self.http_url or not self.serves_http
+                     or _flag(self.args, "--http-port") == "-1")
             ):
                 self._ready.set()
 

@@ -18,7 +18,7 @@ use super::plan_tables::PlanTables;
 /// The KV-cache manager and scheduler.
 #[pyclass(module = "kvserve._core", name = "Core")]
 pub struct PyCore {
-    inner: Scheduler,
+    pub(crate) inner: Scheduler,
     tables: PlanTables,
 }
 

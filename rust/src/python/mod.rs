@@ -8,6 +8,7 @@ mod core;
 mod errors;
 mod outputs;
 mod plan_tables;
+mod router;
 
 use pyo3::prelude::*;
 
@@ -23,6 +24,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCore>()?;
     m.add_class::<PyPlan>()?;
     m.add_class::<PyStepOutput>()?;
+    router::register(m)?;
     m.add("InvalidRequestError", py.get_type::<InvalidRequestError>())?;
     m.add(
         "RequestTooLargeError",

@@ -16,6 +16,7 @@ mod commit;
 mod finished_log;
 mod invariants;
 mod lifecycle;
+mod load;
 mod plan_builder;
 mod preemption;
 mod steady;
@@ -149,6 +150,10 @@ impl Scheduler {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+    /// The prefix cache, for its KV event log and snapshot.
+    pub fn prefix_cache_mut(&mut self) -> &mut PrefixCache {
+        &mut self.prefix
     }
     pub fn gpu_pool(&self) -> &BlockPool {
         &self.gpu

@@ -195,7 +195,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics")
+    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics", "prefill_tokens_per_s", "decode_step_s", "waiting_prompt_tokens", "retry_after_s", "instance_id")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +216,11 @@ class GetLoadResponse(_message.Message):
     NUM_CACHED_GPU_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     kv_usage: float
     host_kv_usage: float
     running: int
@@ -229,4 +234,29 @@ class GetLoadResponse(_message.Message):
     num_cached_gpu_blocks: int
     in_flight: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    prefill_tokens_per_s: float
+    decode_step_s: float
+    waiting_prompt_tokens: int
+    retry_after_s: float
+    instance_id: str
+    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., waiting_prompt_tokens: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class StreamKvEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KvEvents(_message.Message):
+    __slots__ = ("instance_id", "snapshot", "seq", "kinds", "block_hashes", "block_size")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    snapshot: bool
+    seq: int
+    kinds: bytes
+    block_hashes: bytes
+    block_size: int
+    def __init__(self, instance_id: _Optional[str] = ..., snapshot: bool = ..., seq: _Optional[int] = ..., kinds: _Optional[bytes] = ..., block_hashes: _Optional[bytes] = ..., block_size: _Optional[int] = ...) -> None: ...

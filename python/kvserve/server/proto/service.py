@@ -1,6 +1,6 @@
 """gRPC glue for kvserve.v1.KvServe: method paths, a client stub, server registration.
 
-Written by hand instead of generated (see __init__.py): it is a table of four methods.
+Written by hand instead of generated (see __init__.py): it is a table of five methods.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ GENERATE = f"/{SERVICE_NAME}/Generate"
 TOKENIZE = f"/{SERVICE_NAME}/Tokenize"
 MODEL_INFO = f"/{SERVICE_NAME}/ModelInfo"
 GET_LOAD = f"/{SERVICE_NAME}/GetLoad"
+STREAM_KV_EVENTS = f"/{SERVICE_NAME}/StreamKvEvents"
 
 
 class KvServeStub:
@@ -43,6 +44,11 @@ class KvServeStub:
             request_serializer=pb.GetLoadRequest.SerializeToString,
             response_deserializer=pb.GetLoadResponse.FromString,
         )
+        self.StreamKvEvents = channel.unary_stream(
+            STREAM_KV_EVENTS,
+            request_serializer=pb.StreamKvEventsRequest.SerializeToString,
+            response_deserializer=pb.KvEvents.FromString,
+        )
 
 
 class KvServeServicer(Protocol):
@@ -52,6 +58,7 @@ class KvServeServicer(Protocol):
     async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
     async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
     async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
+    def StreamKvEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
 
 
 def add_kvserve_servicer(servicer: KvServeServicer, server: grpc.aio.Server) -> None:
@@ -75,6 +82,11 @@ def add_kvserve_servicer(servicer: KvServeServicer, server: grpc.aio.Server) -> 
             servicer.GetLoad,
             request_deserializer=deserializer(pb.GetLoadRequest),
             response_serializer=pb.GetLoadResponse.SerializeToString,
+        ),
+        "StreamKvEvents": grpc.unary_stream_rpc_method_handler(
+            servicer.StreamKvEvents,
+            request_deserializer=deserializer(pb.StreamKvEventsRequest),
+            response_serializer=pb.KvEvents.SerializeToString,
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
