@@ -95,7 +95,7 @@ class AsyncEngine:
                                               prompt_token_ids, messages, cache_salt)
             try:
                 await asyncio.wrap_future(queued)
-            except asyncio.CancelledError:  # it may still be queued: abort it once it is
+            except BaseException:  # cancelled or closed: it may still be queued; abort it then
                 queued.add_done_callback(lambda f: _abort_if_added(engine, request_id, f))
                 raise
             added = True
