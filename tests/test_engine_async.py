@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -93,3 +95,57 @@ def test_streams_cancel_and_load(engine: AsyncEngine) -> None:
 async def collect_one(engine: AsyncEngine, request_id: str, params: SamplingParams) -> None:
     async for _ in engine.generate("The quick", params, request_id=request_id):
         pass
+
+
+def test_a_full_queue_refuses_before_tokenizing_or_locking(tiny_llama_dir: Path) -> None:
+    """The refusal of a burst must be cheap: no tokenizer call, no wait for the core lock
+    (which the step thread holds through every schedule and commit)."""
+    from kvserve._core import AtCapacityError
+
+    engine = AsyncEngine(EngineArgs(model=str(tiny_llama_dir), kv_cache_memory="1MiB",
+                                    max_num_seqs=1, max_waiting=3))
+    encoded: list[str] = []
+    tok = engine.engine.tokenizer
+    real_encode = tok.encode
+
+    def counting_encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        encoded.append(text)
+        return real_encode(text, add_special_tokens)
+
+    tok.encode = counting_encode  # type: ignore[method-assign]
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    for i in range(3):  # the step loop is not running yet: all three stay queued
+        engine.engine.add_request(f"queued-{i}", f"the quick brown fox {i}", long)
+    assert engine.engine.core.num_waiting == engine.engine.args.max_waiting == 3
+    encoded.clear()
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:  # as if a long commit were under way on the step thread
+        with engine.engine._lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(10)
+
+    async def main() -> float:
+        await engine.start()
+        try:
+            start = time.perf_counter()
+            with pytest.raises(AtCapacityError, match="at capacity"):
+                await engine.generate("a prompt to refuse", long).__anext__()
+            return time.perf_counter() - start
+        finally:
+            release.set()
+            await asyncio.to_thread(holder.join)
+            await engine.shutdown()
+
+    try:
+        took = asyncio.run(main())
+    finally:
+        release.set()
+    assert took < 1.0  # the lock was held for up to 10 s
+    assert encoded == []

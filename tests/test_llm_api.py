@@ -105,7 +105,8 @@ def test_stop_strings_wait_for_min_tokens(llm: LLM) -> None:
     ignored_early = 0
     for prompt in PROMPTS:
         for min_tokens in (3, 6):
-            params = dict(temperature=0.0, max_tokens=16, ignore_eos=True, min_tokens=min_tokens)
+            params = {"temperature": 0.0, "max_tokens": 16, "ignore_eos": True,
+                      "min_tokens": min_tokens}
             pieces = _token_deltas(llm, prompt, SamplingParams(**params))
             early = "".join(pieces[:min_tokens])
             stop = early.strip()[-2:]

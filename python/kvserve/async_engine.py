@@ -7,7 +7,7 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from kvserve.engine import LLMEngine, StepListener
@@ -74,8 +74,9 @@ class AsyncEngine:
         """Deltas of one request. Bad input or a full queue raises at the first __anext__,
         before anything is queued; leaving the loop early (cancel, aclose) aborts it.
 
-        A full queue is refused first, before any work; the prompt is tokenized (and its
-        chat template rendered) on a worker thread, so the event loop keeps serving others.
+        A full queue is refused first, before any work. The prompt is tokenized (its chat
+        template rendered) and queued on a worker thread: the event loop neither tokenizes
+        nor waits for the core lock, which the step thread holds through schedule and commit.
         """
         if self._thread is None or self._prompt_pool is None:
             raise RuntimeError("AsyncEngine.start() has not been awaited")
@@ -90,11 +91,14 @@ class AsyncEngine:
         self._streams[request_id] = queue
         finished = added = False
         try:
-            ids, grammar = await asyncio.get_running_loop().run_in_executor(
-                self._prompt_pool, _prepare, engine, prompt, prompt_token_ids, messages, params)
-            engine.add_encoded(request_id, ids, params, cache_salt, grammar)
+            queued = self._prompt_pool.submit(self._add, request_id, prompt, params,
+                                              prompt_token_ids, messages, cache_salt)
+            try:
+                await asyncio.wrap_future(queued)
+            except BaseException:  # cancelled or closed: it may still be queued; abort it then
+                queued.add_done_callback(lambda f: _abort_if_added(engine, request_id, f))
+                raise
             added = True
-            self._wake.set()
             while True:
                 item = await queue.get()
                 finished = item.finished
@@ -105,6 +109,14 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if added and not finished:
                 engine.abort(request_id)
+
+    def _add(self, request_id: str, prompt: str | None, params: SamplingParams,
+             prompt_token_ids: list[int] | None, messages: list[dict[str, Any]] | None,
+             cache_salt: str | None) -> None:
+        ids = self.engine.encode_prompt(prompt, prompt_token_ids, messages)
+        grammar = self.engine.compile_grammar(params)
+        self.engine.add_encoded(request_id, ids, params, cache_salt, grammar)
+        self._wake.set()
 
     async def tokenize(self, text: str | None, messages: list[dict[str, Any]] | None,
                        add_special_tokens: bool | None = None) -> list[int]:
@@ -176,8 +188,6 @@ class AsyncEngine:
                 queue.put_nowait(d)
 
 
-def _prepare(engine: LLMEngine, prompt: str | None, prompt_token_ids: list[int] | None,
-             messages: list[dict[str, Any]] | None, params: SamplingParams) -> tuple[Any, Any]:
-    """The work before queueing that may take long (tokenizing, rendering the template,
-    compiling a grammar), for a worker thread."""
-    return engine.encode_prompt(prompt, prompt_token_ids, messages), engine.compile_grammar(params)
+def _abort_if_added(engine: LLMEngine, request_id: str, queued: Future[None]) -> None:
+    if not queued.cancelled() and queued.exception() is None:
+        engine.abort(request_id)

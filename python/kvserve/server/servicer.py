@@ -156,8 +156,9 @@ class KvServeServicer:
             log.exception("request %s failed", rid)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
-            if not finished:
-                # cancel, disconnect, deadline, error: free its KV blocks now
+            if admitted and not finished:
+                # cancel, disconnect, deadline, error: free its KV blocks now (a refused or
+                # not yet queued request holds none; the engine aborts one queued late)
                 self.engine.abort(rid)
             with contextlib.suppress(Exception):
                 await stream.aclose()
