@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvserve.attention import get_backend
+from kvserve.attention.kv_quant import check_kv_cache_dtype
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.grammar import GrammarCompiler
@@ -53,11 +54,12 @@ class LLMEngine:
         limit = min(cfg.max_position_embeddings, cfg.sliding_window or 1 << 62)
         self.max_model_len = min(args.max_model_len or limit, limit)
         backend = get_backend(args.attention_backend, self.device)
+        kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, self.dtype)
         self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
                                   self.max_model_len, args.max_num_batched_tokens,
                                   args.max_num_seqs, args.kv_cache_bytes,
                                   args.gpu_memory_utilization, args.swap_bytes,
-                                  enforce_eager=args.enforce_eager)
+                                  enforce_eager=args.enforce_eager, kv_dtype=kv_dtype)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
