@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from kvserve.attention import get_backend
-from kvserve.attention.kv_quant import check_kv_cache_dtype
+from kvserve.attention.kv_quant import check_kv_cache_dtype, kv_dtype_name
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.grammar import GrammarCompiler
@@ -295,6 +295,15 @@ class LLMEngine:
     def metrics(self) -> dict[str, Any]:
         with self._lock:
             return dict(self.core.metrics())
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """What ModelInfo, GetLoad and the metrics report about the model and its KV cache."""
+        return {"model": self.model_name, "max_model_len": self.max_model_len,
+                "block_size": self.args.block_size,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_cache_dtype": kv_dtype_name(self.runner.kv_dtype),
+                "kv_bytes_per_token": self.runner.kv_bytes_per_token}
 
     def _notify(self, plan: Any, duration: float) -> None:
         if not self._listeners or plan.num_seqs == 0:
