@@ -167,3 +167,34 @@ def test_fp8_calibration_is_deterministic(tiny_llama_dir: Path) -> None:
     for a, b in zip(*scales):
         assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
         assert (a.k > 0).all() and (a.v > 0).all()
+
+
+def test_server_reports_the_fp8_kv_dtype_and_bytes(tiny_llama_dir: Path) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvserve.server.proto import pb
+    from kvserve.server.proto.service import KvServeStub
+    from kvserve.server.testing import ServerProcess
+
+    flags = ["--model", str(tiny_llama_dir), "--device", "cpu", "--kv-cache-memory", "4MiB",
+             "--max-model-len", "128", "--kv-cache-dtype", "fp8_e4m3"]
+    with LLM(str(tiny_llama_dir), device="cpu", kv_cache_memory="4MiB", max_model_len=128,
+             kv_cache_dtype="fp8_e4m3") as llm:
+        want = llm.engine.runner.kv_bytes_per_token
+    proc = ServerProcess(flags).start()
+    try:
+        with proc.channel() as channel:
+            stub = KvServeStub(channel)
+            info = stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+            assert (info.kv_cache_dtype, info.kv_bytes_per_token) == ("fp8_e4m3", want)
+            load = stub.GetLoad(pb.GetLoadRequest(), timeout=10)
+            assert (load.kv_cache_dtype, load.kv_bytes_per_token) == ("fp8_e4m3", want)
+        with urllib.request.urlopen(proc.metrics_url, timeout=10) as r:
+            text = r.read().decode()
+        samples = {(s.name, s.labels.get("dtype")): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples[("kvserve_kv_cache_bytes_per_token", "fp8_e4m3")] == want
+    finally:
+        assert proc.stop() == 0, proc.log()

@@ -19,7 +19,7 @@ import torch
 KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
-CALIBRATION_HEADROOM = 2.0
+CALIBRATION_HEADROOM = 4.0
 CALIBRATION_TOKENS = 256
 CALIBRATION_SEED = 0
 # Floor for an all-zero head, so dequantize never multiplies by 0/0.
