@@ -198,3 +198,29 @@ def test_server_reports_the_fp8_kv_dtype_and_bytes(tiny_llama_dir: Path) -> None
         assert samples[("kvserve_kv_cache_bytes_per_token", "fp8_e4m3")] == want
     finally:
         assert proc.stop() == 0, proc.log()
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
+def test_fp8_greedy_under_preemption_matches_an_unpressed_fp8_run(
+        mode: str, tiny_llama_dir: Path) -> None:
+    # Swapped FP8 blocks come back bit-exact and recompute re-quantizes with the same frozen
+    # scales, so preemption changes no token of an fp8 run.
+    gen = torch.Generator().manual_seed(21)
+    prompts = [torch.randint(3, 300, (int(n),), generator=gen).tolist()
+               for n in torch.randint(3, 40, (6,), generator=gen)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    common = dict(block_size=4, max_model_len=64, kv_cache_dtype="fp8_e4m3",
+                  enable_prefix_caching=False)
+    with LLM(str(tiny_llama_dir), kv_cache_memory="1MiB", **common) as roomy:
+        want = [o.token_ids for o in roomy.generate(prompt_token_ids=prompts,
+                                                    sampling_params=params)]
+    # fp8: 128 bytes per token, 512-byte blocks; 20 blocks hold 80 tokens, less than the batch.
+    with LLM(str(tiny_llama_dir), kv_cache_memory=20 * 512, swap_space="1MiB",
+             preemption_mode=mode, **common) as tight:
+        got = [o.token_ids for o in tight.generate(prompt_token_ids=prompts,
+                                                   sampling_params=params)]
+        m = tight.engine.metrics()
+        assert tight.engine.runner.num_blocks == 20
+        assert m[f"preemptions_{mode}"] > 0, m
+        tight.engine.core.check_invariants()
+    assert got == want
