@@ -209,8 +209,8 @@ def test_fp8_greedy_under_preemption_matches_an_unpressed_fp8_run(
     prompts = [torch.randint(3, 300, (int(n),), generator=gen).tolist()
                for n in torch.randint(3, 40, (6,), generator=gen)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    common = dict(block_size=4, max_model_len=64, kv_cache_dtype="fp8_e4m3",
-                  enable_prefix_caching=False)
+    common = {"block_size": 4, "max_model_len": 64, "kv_cache_dtype": "fp8_e4m3",
+              "enable_prefix_caching": False}
     with LLM(str(tiny_llama_dir), kv_cache_memory="1MiB", **common) as roomy:
         want = [o.token_ids for o in roomy.generate(prompt_token_ids=prompts,
                                                     sampling_params=params)]

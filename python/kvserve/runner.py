@@ -12,6 +12,7 @@ from kvserve.attention import kv_quant
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.model import Checkpoint, build_model
+from kvserve.model.llama import Attention
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,9 @@ class ModelRunner:
             scales = kv_quant.KVScales(
                 k=kv_quant.scales_from_absmax(kv_quant.head_absmax(k.reshape(rows)[:n])),
                 v=kv_quant.scales_from_absmax(kv_quant.head_absmax(v.reshape(rows)[:n])))
-            layer.self_attn.kv_scales = scales
+            attention = layer.self_attn
+            assert isinstance(attention, Attention)
+            attention.kv_scales = scales
             self.kv_scales.append(scales)
 
     def _profile_cuda(self, max_tokens: int, max_seqs: int, max_model_len: int,

@@ -33,10 +33,11 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
-                kv_scales: KVScales | None = None) -> torch.Tensor:
+                kv_written: bool = False, kv_scales: KVScales | None = None) -> torch.Tensor:
         ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
-        _write(k_cache, k, meta.slot_mapping, ks)
-        _write(v_cache, v, meta.slot_mapping, vs)
+        if not kv_written:
+            _write(k_cache, k, meta.slot_mapping, ks)
+            _write(v_cache, v, meta.slot_mapping, vs)
         if meta is not self._meta:  # every layer shares the step's layout: derive it once
             self._meta, self._plan = meta, _StepLayout(meta, k_cache.shape[1])
         layout = self._plan
