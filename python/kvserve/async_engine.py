@@ -42,9 +42,7 @@ class AsyncEngine:
 
     @property
     def model_info(self) -> dict[str, Any]:
-        e = self.engine
-        return {"model": e.model_name, "max_model_len": e.max_model_len,
-                "block_size": e.args.block_size, "dtype": str(e.dtype).removeprefix("torch.")}
+        return self.engine.model_info
 
     async def start(self) -> None:
         if self._thread is not None:
@@ -155,6 +153,9 @@ class AsyncEngine:
                     tokens_last_step=m.get("tokens_scheduled_last_step", 0),
                     prefix_hit_rate=m.get("prefix_hit_rate", 0.0),
                     admitting=m.get("waiting", 0) < self.engine.args.max_waiting)
+        info = self.engine.model_info
+        load.update(kv_cache_dtype=info["kv_cache_dtype"],
+                    kv_bytes_per_token=info["kv_bytes_per_token"])
         return load
 
     def add_step_listener(self, fn: StepListener) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from kvserve.attention import get_backend
+from kvserve.attention.kv_quant import check_kv_cache_dtype, kv_dtype_name
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.errors import InvalidRequestError
@@ -60,11 +61,12 @@ class LLMEngine:
             self.runner: ModelRunner | SimRunner = SimRunner(cfg, args, cfg.vocab_size)
         else:
             backend = get_backend(args.attention_backend, self.device)
+            kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, self.dtype)
             self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
                                       self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,
                                       args.gpu_memory_utilization, args.swap_bytes,
-                                      enforce_eager=args.enforce_eager)
+                                      enforce_eager=args.enforce_eager, kv_dtype=kv_dtype)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
@@ -318,6 +320,15 @@ class LLMEngine:
     def kv_snapshot(self) -> tuple[int, bytes]:
         with self._lock:
             return self.core.kv_snapshot()  # type: ignore[no-any-return]
+
+    @property
+    def model_info(self) -> dict[str, Any]:
+        """What ModelInfo, GetLoad and the metrics report about the model and its KV cache."""
+        return {"model": self.model_name, "max_model_len": self.max_model_len,
+                "block_size": self.args.block_size,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "kv_cache_dtype": kv_dtype_name(getattr(self.runner, "kv_dtype", self.dtype)),
+                "kv_bytes_per_token": self.runner.kv_bytes_per_token}
 
     def _notify(self, plan: Any, duration: float) -> None:
         if not self._listeners or plan.num_seqs == 0:

@@ -7,6 +7,8 @@ import logging
 import re
 from dataclasses import dataclass, fields
 
+from kvserve.attention.kv_quant import KV_CACHE_DTYPES
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
           "tib": 2**40}
@@ -44,6 +46,7 @@ class EngineArgs:
     max_model_len: int | None = None  # None: the model's own limit
     max_waiting: int = 4096
     kv_cache_memory: str | int = "512MiB"  # CPU only: KV pool size
+    kv_cache_dtype: str = "auto"  # what the KV cache stores; auto: the model dtype
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory kvserve may use
     swap_space: str | int = "1GiB"  # host pool for swapped-out KV blocks
     enable_prefix_caching: bool = True
@@ -58,6 +61,9 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype: {self.kv_cache_dtype!r} is not one of "
+                             f"{', '.join(KV_CACHE_DTYPES)}")
         if self.preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode: {self.preemption_mode!r} is not one of "
                              f"{', '.join(PREEMPTION_MODES)}")
@@ -125,6 +131,9 @@ class EngineArgs:
         add("--itl-target", type=float, default=d["itl_target"].default,
             help="seconds a mixed step may take, for --max-num-batched-tokens auto")
         add("--kv-cache-memory", default="512MiB", help="CPU KV-cache size, e.g. 512MiB, 2GB")
+        add("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+            help="what the KV cache stores (auto: the model dtype; fp8_e4m3 halves its bytes, "
+                 "with per layer and KV head scales calibrated at start)")
         add("--swap-space", default="1GiB", help="host swap pool size, e.g. 4GiB")
         add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
             help="disable prefix caching")

@@ -8,9 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvserve.attention import kv_quant
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.model import Checkpoint, build_model
+from kvserve.model.llama import Attention
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +38,17 @@ class ModelRunner:
                  dtype: torch.dtype, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, kv_cache_bytes: int,
                  gpu_memory_utilization: float, swap_bytes: int,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, kv_dtype: torch.dtype | None = None) -> None:
         cfg = ckpt.config
         self.config, self.device, self.dtype, self.block_size = cfg, device, dtype, block_size
+        self.kv_dtype = kv_dtype or dtype  # what the cache stores (--kv-cache-dtype)
         self.backend = backend
         self.model = build_model(ckpt, backend, max_model_len, dtype, device)
-        elem = torch.empty((), dtype=dtype).element_size()
+        self.kv_scales: list[kv_quant.KVScales] = []  # per layer, FP8 caches only
+        if kv_quant.is_fp8(self.kv_dtype):
+            self._calibrate_fp8(min(kv_quant.CALIBRATION_TOKENS, max_model_len,
+                                    max_num_batched_tokens))
+        elem = torch.empty((), dtype=self.kv_dtype).element_size()
         # K and V, all layers: what one cached token costs.
         self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         self.block_bytes = self.kv_bytes_per_token * block_size
@@ -86,18 +93,40 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _allocate(self, num_blocks: int, device: torch.device, pin: bool, zeroed: bool = True
-                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _allocate(self, num_blocks: int, device: torch.device, pin: bool, zeroed: bool = True,
+                  dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
+        dtype = dtype or self.kv_dtype
         shape = self.backend.kv_cache_shape(num_blocks, self.block_size, cfg.num_kv_heads,
                                             cfg.head_dim)
+
         def make() -> torch.Tensor:
             if zeroed and device.type == "cpu" and not pin:
-                return _calloc_zeros(shape, self.dtype)
+                return _calloc_zeros(shape, dtype)
             alloc = torch.zeros if zeroed else torch.empty
-            return alloc(shape, dtype=self.dtype, device=device, pin_memory=pin)
+            return alloc(shape, dtype=dtype, device=device, pin_memory=pin)
 
         return [(make(), make()) for _ in range(cfg.num_layers)]
+
+    @torch.inference_mode()
+    def _calibrate_fp8(self, n: int) -> None:
+        """Per layer and KV head FP8 scales from one n-token prefill of seeded random tokens
+        into a model-dtype cache (the rule in attention/kv_quant.py); set on every layer."""
+        gen = torch.Generator().manual_seed(kv_quant.CALIBRATION_SEED)
+        ids = torch.randint(0, self.config.vocab_size, (n,), generator=gen).to(self.device)
+        blocks = (n + self.block_size - 1) // self.block_size
+        caches = self._allocate(blocks, self.device, pin=False, dtype=self.dtype)
+        meta = _meta_for_one_prefill(n, self.block_size, self.device)
+        self.model(ids, torch.arange(n, device=self.device), meta, caches)
+        for layer, (k, v) in zip(self.model.layers, caches):
+            rows = (-1, *k.shape[-2:])  # the torch layout: [slots, Hkv, D]
+            scales = kv_quant.KVScales(
+                k=kv_quant.scales_from_absmax(kv_quant.head_absmax(k.reshape(rows)[:n])),
+                v=kv_quant.scales_from_absmax(kv_quant.head_absmax(v.reshape(rows)[:n])))
+            attention = layer.self_attn
+            assert isinstance(attention, Attention)
+            attention.kv_scales = scales
+            self.kv_scales.append(scales)
 
     def _profile_cuda(self, max_tokens: int, max_seqs: int, max_model_len: int,
                       utilization: float) -> int:

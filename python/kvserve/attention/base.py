@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from kvserve.attention.kv_quant import KVScales
+
 
 @dataclass
 class AttentionMetadata:
@@ -42,6 +44,10 @@ class AttentionBackend(Protocol):
         """Shape of one layer's K (or V) cache. Dimension 0 is always the block id."""
         ...
 
+    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+        """Why this backend cannot read a KV cache of kv_dtype (None: it can)."""
+        ...
+
     def forward(
         self,
         q: torch.Tensor,  # [T, Hq, D]
@@ -52,10 +58,12 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
         kv_written: bool = False,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Write k/v at meta.slot_mapping, then attend causally (bottom-right aligned).
 
         kv_written: the caller already stored k/v in the cache (the fused rope_qkv kernel);
         skip the write. Only the cuda backend is ever called with it (model/llama.py).
+        kv_scales: the layer's dequantization scales, given when the cache is FP8.
         """
         ...

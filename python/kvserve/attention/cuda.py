@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.attention.base import AttentionMetadata
+from kvserve.attention.kv_quant import KVScales, is_fp8, kv_dtype_name
 from kvserve.kernels import prefill_sm90
 from kvserve.kernels.cache_write import cache_write
 from kvserve.kernels.launcher import CudaUnavailableError, cuda_unavailable_reason
@@ -48,6 +49,16 @@ class CudaAttentionBackend:
             return (num_blocks, block_size, num_kv_heads, head_dim)
         return (num_blocks, num_kv_heads, block_size, head_dim)
 
+    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+        if is_fp8(kv_dtype):
+            return ("the cuda attention kernels do not read an FP8 KV cache yet; use "
+                    "--kv-cache-dtype auto, or --attention-backend torch (much slower)")
+        if kv_dtype != model_dtype:
+            return (f"the cuda attention kernels read the KV cache in the model dtype "
+                    f"({kv_dtype_name(model_dtype)}); use --kv-cache-dtype auto or --dtype "
+                    f"{kv_dtype_name(kv_dtype)}")
+        return None
+
     def forward(
         self,
         q: torch.Tensor,
@@ -58,7 +69,10 @@ class CudaAttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         kv_written: bool = False,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:
+        if kv_scales is not None:  # refused at start (kv_cache_refusal); never reached
+            raise ValueError("kv_scales: the cuda attention kernels do not read an FP8 cache")
         pdl = self._pdl_arch
         if not kv_written:
             cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout, pdl=pdl)

@@ -3,6 +3,9 @@
 Works on any device torch does. Cache layout per layer: [num_blocks, block_size, Hkv, D]
 (block id first, as the interface requires). Decodes are batched into one SDPA call; each
 prefill (or prefill chunk) is attended separately, bottom-right causal.
+The cache may hold another dtype than q/k/v (--kv-cache-dtype): the write casts (an FP8
+cache quantizes with the layer's KVScales), the read casts back (FP8: dequantizes), so
+attention always runs in q's dtype on exactly the values the cache holds.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.attention.base import AttentionMetadata
+from kvserve.attention.kv_quant import KVScales, dequantize, is_fp8, quantize
 
 
 class TorchAttentionBackend:
@@ -24,27 +28,55 @@ class TorchAttentionBackend:
                        head_dim: int) -> tuple[int, ...]:
         return (num_blocks, block_size, num_kv_heads, head_dim)
 
+    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
+        return None  # reads every KV cache dtype
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        # index_copy_ is a plain row scatter: much cheaper than index_put_ on CPU.
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_written: bool = False, kv_scales: KVScales | None = None) -> torch.Tensor:
+        ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
+        if not kv_written:
+            _write(k_cache, k, meta.slot_mapping, ks)
+            _write(v_cache, v, meta.slot_mapping, vs)
         if meta is not self._meta:  # every layer shares the step's layout: derive it once
             self._meta, self._plan = meta, _StepLayout(meta, k_cache.shape[1])
         layout = self._plan
         assert layout is not None
         nd = meta.num_decodes
         if nd == q.shape[0]:  # decode-only step (the common case): no output scatter
-            return _decode(q, k_cache, v_cache, layout, scale)
+            return _decode(q, k_cache, v_cache, ks, vs, layout, scale)
         out = torch.empty_like(q)
         if nd:
-            out[:nd] = _decode(q[:nd], k_cache, v_cache, layout, scale)
+            out[:nd] = _decode(q[:nd], k_cache, v_cache, ks, vs, layout, scale)
         for s, e, blocks, length in layout.prefills:
-            keys = k_cache.index_select(0, blocks).flatten(0, 1)[:length]
-            values = v_cache.index_select(0, blocks).flatten(0, 1)[:length]
+            keys = _gather(k_cache, blocks, ks, q.dtype).flatten(0, 1)[:length]
+            values = _gather(v_cache, blocks, vs, q.dtype).flatten(0, 1)[:length]
             out[s:e] = _prefill(q[s:e], keys, values, scale)
         return out
+
+
+def _write(cache: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+           scale: torch.Tensor | None) -> None:
+    rows = cache.view(-1, cache.shape[2], cache.shape[3])
+    if is_fp8(cache.dtype):
+        if scale is None:
+            raise ValueError("kv_scales: an fp8_e4m3 cache needs the layer's KV scales")
+        # CPU index_copy_ has no float8 kernel: scatter the same bytes as uint8.
+        rows.view(torch.uint8).index_copy_(0, slots, quantize(x, scale).view(torch.uint8))
+    else:
+        # index_copy_ is a plain row scatter: much cheaper than index_put_ on CPU.
+        rows.index_copy_(0, slots, x.to(cache.dtype))
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, scale: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The cache's `blocks` in the compute dtype (an FP8 cache dequantized)."""
+    pages = cache.index_select(0, blocks)
+    if is_fp8(pages.dtype):
+        if scale is None:
+            raise ValueError("kv_scales: an fp8_e4m3 cache needs the layer's KV scales")
+        return dequantize(pages, scale, dtype)
+    return pages.to(dtype)
 
 
 class _StepLayout:
@@ -87,11 +119,12 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) ->
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            layout: _StepLayout, scale: float) -> torch.Tensor:
+            ks: torch.Tensor | None, vs: torch.Tensor | None, layout: _StepLayout,
+            scale: float) -> torch.Tensor:
     """One query per sequence, all sequences in one SDPA call over padded gathered pages."""
     batch, length = q.shape[0], layout.decode_len
-    keys = k_cache.index_select(0, layout.decode_table).view(batch, -1, *k_cache.shape[2:])
-    values = v_cache.index_select(0, layout.decode_table).view(batch, -1, *v_cache.shape[2:])
+    keys = _gather(k_cache, layout.decode_table, ks, q.dtype).view(batch, -1, *k_cache.shape[2:])
+    values = _gather(v_cache, layout.decode_table, vs, q.dtype).view(batch, -1, *v_cache.shape[2:])
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys[:, :length].transpose(1, 2), values[:, :length].transpose(1, 2),
         attn_mask=layout.decode_mask, scale=scale, enable_gqa=True)

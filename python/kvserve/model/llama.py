@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
+from kvserve.attention.kv_quant import KVScales
 from kvserve.model import decoder_ops as ops
 from kvserve.model.config import ModelConfig
 from kvserve.model.rope import RotaryEmbedding
@@ -60,6 +61,8 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim**-0.5
         self.backend = backend
+        # Set by the runner when the cache is FP8 (attention/kv_quant.py).
+        self.kv_scales: KVScales | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm,
                 rope: Rope, meta: AttentionMetadata, cache: KVCache, fused: bool
@@ -79,7 +82,8 @@ class Attention(nn.Module):
         else:
             q, k, v = ops.rope_qkv(qkv, rope, self.num_heads, self.num_kv_heads,
                                    self.head_dim, fused)
-            out = self.backend.forward(q, k, v, cache[0], cache[1], meta, self.scale)
+            out = self.backend.forward(q, k, v, cache[0], cache[1], meta, self.scale,
+                                       kv_scales=self.kv_scales)
         return ops.linear(out.reshape(-1, self.q_size), self.o_proj, fused,
                           role="o_proj"), residual
 

@@ -207,6 +207,8 @@ _LOAD_FIELDS = {
     "num_gpu_blocks": int,
     "num_used_gpu_blocks": int,
     "num_cached_gpu_blocks": int,
+    "kv_cache_dtype": str,
+    "kv_bytes_per_token": int,
 }
 
 

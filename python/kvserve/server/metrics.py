@@ -92,6 +92,15 @@ class _LoadCollector(Collector):
                 f"Requests {state} in the engine",
                 value=float(load.get(state, 0)),
             )
+        if "kv_bytes_per_token" in load:
+            kv_bytes = GaugeMetricFamily(
+                "kvserve_kv_cache_bytes_per_token",
+                "KV-cache bytes one token costs (K and V, all layers), by cache dtype",
+                labels=["dtype"],
+            )
+            kv_bytes.add_metric([str(load.get("kv_cache_dtype", ""))],
+                                float(load["kv_bytes_per_token"]))
+            yield kv_bytes
         yield GaugeMetricFamily(
             "kvserve_admitting",
             "1 when a new request would be queued now",

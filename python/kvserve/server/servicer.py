@@ -196,6 +196,8 @@ class KvServeServicer:
             device=str(info.get("device") or self.device),
             vocab_size=int(vocab),
             kvserve_version=__version__,
+            kv_cache_dtype=str(info.get("kv_cache_dtype", "")),
+            kv_bytes_per_token=int(info.get("kv_bytes_per_token", 0)),
         )
 
     async def GetLoad(self, request: Any, context: Any) -> pb.GetLoadResponse:

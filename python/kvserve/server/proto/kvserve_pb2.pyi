@@ -173,7 +173,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfoResponse(_message.Message):
-    __slots__ = ("model", "max_model_len", "block_size", "dtype", "device", "vocab_size", "kvserve_version")
+    __slots__ = ("model", "max_model_len", "block_size", "dtype", "device", "vocab_size", "kvserve_version", "kv_cache_dtype", "kv_bytes_per_token")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -181,6 +181,8 @@ class ModelInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     KVSERVE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model: str
     max_model_len: int
     block_size: int
@@ -188,14 +190,16 @@ class ModelInfoResponse(_message.Message):
     device: str
     vocab_size: int
     kvserve_version: str
-    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., kvserve_version: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_bytes_per_token: int
+    def __init__(self, model: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., vocab_size: _Optional[int] = ..., kvserve_version: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class GetLoadRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics", "prefill_tokens_per_s", "decode_step_s", "waiting_prompt_tokens", "retry_after_s", "instance_id")
+    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics", "prefill_tokens_per_s", "decode_step_s", "waiting_prompt_tokens", "retry_after_s", "instance_id", "kv_cache_dtype", "kv_bytes_per_token")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +225,8 @@ class GetLoadResponse(_message.Message):
     WAITING_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RETRY_AFTER_S_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     kv_usage: float
     host_kv_usage: float
     running: int
@@ -239,7 +245,9 @@ class GetLoadResponse(_message.Message):
     waiting_prompt_tokens: int
     retry_after_s: float
     instance_id: str
-    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., waiting_prompt_tokens: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    kv_cache_dtype: str
+    kv_bytes_per_token: int
+    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., waiting_prompt_tokens: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., instance_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
 
 class StreamKvEventsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,99 @@
+"""The KV-cache dtype: which one a run stores, FP8 (e4m3) scales, quantize and dequantize.
+
+An fp8_e4m3 cache stores K and V as torch.float8_e4m3fn with one float32 scale per layer
+and KV head for K and one for V: stored = saturate(x / scale), read = stored * scale.
+The scales are calibrated once at start (runner.py) from one prefill of fixed pseudo-random
+tokens: absmax over that prefill's tokens and head dims, times CALIBRATION_HEADROOM, maps
+to the e4m3 maximum. That rule depends on nothing a request sends, so every run of a model
+quantizes the same way (tests reproduce it); the headroom leaves room for activations
+larger than the calibration's (e4m3 keeps its 3 mantissa bits down to 2^-6 of its maximum,
+so headroom costs almost no precision) and anything beyond is saturated, never inf/NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_CACHE_DTYPES = ("auto", "bfloat16", "float16", "fp8_e4m3")
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8_DTYPE).max)
+CALIBRATION_HEADROOM = 4.0
+CALIBRATION_TOKENS = 256
+CALIBRATION_SEED = 0
+# Floor for an all-zero head, so dequantize never multiplies by 0/0.
+_MIN_SCALE = 1e-8
+
+
+def resolve_kv_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The torch dtype the cache stores for --kv-cache-dtype `name` ("auto": the model's)."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: {name!r} is not one of {', '.join(KV_CACHE_DTYPES)}")
+    if name == "auto":
+        return model_dtype
+    return FP8_DTYPE if name == "fp8_e4m3" else getattr(torch, name)
+
+
+def kv_dtype_name(dtype: torch.dtype) -> str:
+    """The name a run reports for its cache dtype (ModelInfo, GetLoad, metrics)."""
+    return "fp8_e4m3" if dtype == FP8_DTYPE else str(dtype).removeprefix("torch.")
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype == FP8_DTYPE
+
+
+@dataclass
+class KVScales:
+    """One layer's dequantization scales: float32 [num_kv_heads] for K and for V."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def scales_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
+    """float32 [H] scales that map absmax * CALIBRATION_HEADROOM to the e4m3 maximum."""
+    return (absmax.float() * CALIBRATION_HEADROOM / FP8_MAX).clamp_min(_MIN_SCALE)
+
+
+def head_absmax(x: torch.Tensor) -> torch.Tensor:
+    """x [..., H, D] -> float32 [H]: the largest |x| of each head."""
+    return x.float().abs().flatten(0, -3).amax(dim=(0, 2))
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., H, D] (any float dtype) -> e4m3, saturated; scale float32 [H]."""
+    q = x.float() / scale[:, None]
+    return q.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """e4m3 x [..., H, D] -> dtype; scale float32 [H]."""
+    return (x.float() * scale[:, None]).to(dtype)
+
+
+def kv_cache_refusal(backend: object, kv_dtype: torch.dtype, model_dtype: torch.dtype
+                     ) -> str | None:
+    """Why `backend` cannot read a cache of kv_dtype, or None when it can.
+
+    A backend states what it reads with `kv_cache_refusal(kv_dtype, model_dtype)`; one that
+    states nothing is taken to read only the model dtype.
+    """
+    ask = getattr(backend, "kv_cache_refusal", None)
+    if ask is not None:
+        reason: str | None = ask(kv_dtype, model_dtype)
+        return reason
+    if kv_dtype != model_dtype:
+        return f"the {getattr(backend, 'name', '?')} attention backend reads only the model dtype"
+    return None
+
+
+def check_kv_cache_dtype(backend: object, name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The cache dtype for --kv-cache-dtype `name`; refused (ValueError) where the backend
+    cannot read it, never served in another dtype."""
+    kv_dtype = resolve_kv_dtype(name, model_dtype)
+    reason = kv_cache_refusal(backend, kv_dtype, model_dtype)
+    if reason is not None:
+        raise ValueError(f"--kv-cache-dtype {name}: {reason}")
+    return kv_dtype
