@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="kvserve-server", description="Serve a model over gRPC (kvserve.v1) and the OpenAI HTTP API."
+        prog="kvserve-server",
+        description="Serve a model over gRPC (kvserve.v1) and the OpenAI HTTP API.",
     )
     add_serve_args(parser)
     return parser
