@@ -54,14 +54,14 @@ class LLMEngine:
         self.max_model_len = min(args.max_model_len or limit, limit)
         backend = get_backend(args.attention_backend, self.device)
         self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
-                                  self.max_model_len, args.max_num_batched_tokens,
+                                  self.max_model_len, int(args.max_num_batched_tokens),
                                   args.max_num_seqs, args.kv_cache_bytes,
                                   args.gpu_memory_utilization, args.swap_bytes,
                                   enforce_eager=args.enforce_eager)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_batched_tokens=int(args.max_num_batched_tokens),
             max_model_len=self.max_model_len, max_waiting=args.max_waiting,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,

@@ -25,11 +25,13 @@ class TorchAttentionBackend:
         return (num_blocks, block_size, num_kv_heads, head_dim)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                kv_written: bool = False) -> torch.Tensor:
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        # index_copy_ is a plain row scatter: much cheaper than index_put_ on CPU.
-        k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        if not kv_written:
+            # index_copy_ is a plain row scatter: much cheaper than index_put_ on CPU.
+            k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+            v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
         if meta is not self._meta:  # every layer shares the step's layout: derive it once
             self._meta, self._plan = meta, _StepLayout(meta, k_cache.shape[1])
         layout = self._plan

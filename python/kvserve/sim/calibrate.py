@@ -34,6 +34,7 @@ class Grid:
     @classmethod
     def for_device(cls, device_type: str, max_model_len: int, max_num_seqs: int,
                    token_budget: int) -> Grid:
+        batches: tuple[int, ...]
         if device_type == "cuda":
             batches, ctxs = (1, 8, 32, 64, 128, 256), (256, 1024, 4096)
             prefills, chunks = (128, 512, 2048, 4096), (256, 1024)

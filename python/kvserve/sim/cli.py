@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -65,7 +66,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                  "mixed_chunks"):
         text = getattr(args, flag)
         if text:
-            grid = replace(grid, **{flag: _ints(text, "--" + flag.replace("_", "-"))})
+            values: dict[str, Any] = {flag: _ints(text, "--" + flag.replace("_", "-"))}
+            grid = replace(grid, **values)
     grid = replace(grid, decode_steps=args.decode_steps, repeats=args.repeats)
     profile, _ = calibrate(engine, grid, seed=args.seed, progress=not args.no_progress)
     profile.save(args.out)

@@ -37,7 +37,7 @@ class LeastLoad:
         return best
 
 
-POLICIES = {"round-robin": RoundRobin, "least-load": LeastLoad}
+POLICIES: dict[str, type[RouterPolicy]] = {"round-robin": RoundRobin, "least-load": LeastLoad}
 
 
 def make_policy(name: str) -> RouterPolicy:
