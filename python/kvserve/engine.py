@@ -79,8 +79,8 @@ class LLMEngine:
             flops_per_token=cfg.flops_per_token,
             attn_flops_per_pair=4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim)
         self._lock = threading.Lock()  # the core is not thread-safe; never held in forward
+        # Live requests by the core's handle; the core owns request id -> handle.
         self._requests: dict[int, RequestState] = {}
-        self._handles: dict[str, int] = {}
         self._listeners: list[StepListener] = []
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self._grammars_lock = threading.Lock()
@@ -133,7 +133,6 @@ class LLMEngine:
             cached = 0
         state.finish(delta, reason, cached)
         del self._requests[state.handle]
-        self._handles.pop(state.request_id, None)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -239,7 +238,6 @@ class LLMEngine:
                                         *(params.stop_token_ids or [])],
                 grammar=grammar)
             self._requests[handle] = state
-            self._handles[request_id] = handle
         return state
 
     @property
@@ -253,15 +251,19 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
-            handle = self._handles.pop(request_id, None)
-            if handle is not None:
-                self._requests.pop(handle, None)
+            try:
+                # A live id's handle, or a recently ended one's: handles are never reused,
+                # so popping an ended request's handle drops nothing.
+                handle = int(self.core.request_stats(request_id)["handle"])
+            except KeyError:  # unknown to the core, so not live here either
+                return False
+            self._requests.pop(handle, None)
             return bool(self.core.abort(request_id))
 
     def close(self) -> None:
         """Abort what is left and free the device memory (model, KV cache, graphs)."""
-        for request_id in list(self._handles):
-            self.abort(request_id)
+        for state in list(self._requests.values()):
+            self.abort(state.request_id)
         self.runner.close()
 
     def has_unfinished(self) -> bool:
@@ -275,7 +277,6 @@ class LLMEngine:
                 state = self._requests.pop(h, None)
                 if state is None:
                     continue
-                self._handles.pop(state.request_id, None)
                 self.core.abort(state.request_id)
                 deltas.append(RequestOutput(state.request_id, finished=True,
                                             finish_reason="error", error=message,
