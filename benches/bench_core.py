@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
 from kvserve._core import Core
 
 BLOCK_SIZE = 16

@@ -194,8 +194,9 @@ def main() -> None:
     if args.client is not None:
         print(json.dumps(asyncio.run(client(args.client))))
         return
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
-                            text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False,
+                            capture_output=True, text=True,
+                            cwd=os.path.dirname(__file__)).stdout.strip()
     result = asyncio.run(serve_and_measure(args.model))
     result["commit"] = commit
     print(json.dumps(result, indent=2))

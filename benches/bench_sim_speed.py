@@ -84,6 +84,7 @@ def main() -> None:
 def core_step_us(batch: int, steps: int = 20000) -> float:
     """The floor: one schedule() + commit() pair of a steady decode batch, from Python."""
     import numpy as np
+
     from kvserve._core import Core
 
     core = Core(num_gpu_blocks=100000, max_num_seqs=256, max_model_len=1 << 16)

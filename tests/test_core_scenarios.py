@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from kvserve._core import AtCapacityError, Core, InvalidRequestError, Plan
 
 VOCAB = 101

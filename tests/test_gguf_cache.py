@@ -265,7 +265,8 @@ def test_cache_key_follows_the_source_identity(tmp_path: Path) -> None:
     assert GGUFCache.for_source(path, tmp_path).directory != first.directory
     link = tmp_path / "link.gguf"
     link.symlink_to(path)
-    assert GGUFCache.for_source(link, tmp_path).source == GGUFCache.for_source(path, tmp_path).source
+    same = GGUFCache.for_source(path, tmp_path).source
+    assert GGUFCache.for_source(link, tmp_path).source == same
 
 
 def test_local_generate_imports_no_server_or_compiler_stack(tmp_path: Path, cache_dir: Path

@@ -70,3 +70,11 @@ def test_mixed_batch_matches_per_token_reference(hq: int, hkv: int, block: int) 
             idx = torch.tensor([tables[i][p // block] * block + p % block for p in range(ctx)])
             want = _naive(q[row], flat_k[idx], flat_v[idx], scale)
             torch.testing.assert_close(out[row], want, rtol=1e-5, atol=1e-5)
+
+    # kv_written: k/v are already in the cache (as the fused rope_qkv kernel leaves them), so
+    # the backend must not write the (here zeroed) k/v again and attends to the same keys.
+    cache_k, cache_v = k_cache.clone(), v_cache.clone()
+    again = backend.forward(q, torch.zeros_like(k), torch.zeros_like(v), k_cache, v_cache, meta,
+                            scale, kv_written=True)
+    assert torch.equal(k_cache, cache_k) and torch.equal(v_cache, cache_v)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)

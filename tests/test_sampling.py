@@ -102,7 +102,8 @@ def test_penalties_match_reference() -> None:
         for t in range(V):
             p = r.params
             if t in r.prompt_token_ids or t in r.output_token_ids:
-                ref[t] = ref[t] / p.repetition_penalty if ref[t] > 0 else ref[t] * p.repetition_penalty
+                penalty = p.repetition_penalty
+                ref[t] = ref[t] / penalty if ref[t] > 0 else ref[t] * penalty
             count = r.output_token_ids.count(t)
             ref[t] -= p.frequency_penalty * count + p.presence_penalty * (count > 0)
         assert int(got[i]) == max(range(V), key=lambda t: ref[t])

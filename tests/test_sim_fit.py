@@ -11,8 +11,8 @@ from kvserve.sim.fit import StepSample, StepTimeModel, fit_step_time, nelder_mea
 
 
 def _synthetic(model: StepTimeModel, seed: int, noise: float, weights: float = 16e9,
-               flops_per_token: float = 1.6e10, kv_per_token: float = 131072.0, attn_flops_per_ctx: float = 4e6
-               ) -> list[StepSample]:
+               flops_per_token: float = 1.6e10, kv_per_token: float = 131072.0,
+               attn_flops_per_ctx: float = 4e6) -> list[StepSample]:
     """Decode, prefill and mixed steps of a model shape, timed by `model` (+ noise)."""
     rng = np.random.default_rng(seed)
     out = []

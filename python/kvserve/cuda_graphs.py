@@ -63,7 +63,7 @@ class DecodeGraphs:
     def __init__(
         self,
         model: Any,
-        kv_caches: list,
+        kv_caches: list[Any],
         device: torch.device,
         max_num_seqs: int,
         max_model_len: int,

@@ -70,7 +70,7 @@ class LLMEngine:
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_batched_tokens=int(args.max_num_batched_tokens),
             max_model_len=self.max_model_len, max_waiting=args.max_waiting,
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
@@ -88,8 +88,8 @@ class LLMEngine:
             flops_per_token=cfg.flops_per_token,
             attn_flops_per_pair=4.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim)
         self._lock = threading.Lock()  # the core is not thread-safe; never held in forward
+        # Live requests by the core's handle; the core owns request id -> handle.
         self._requests: dict[int, RequestState] = {}
-        self._handles: dict[str, int] = {}
         self._listeners: list[StepListener] = []
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self._grammars_lock = threading.Lock()
@@ -142,7 +142,6 @@ class LLMEngine:
              cached_prompt_tokens: int) -> None:
         state.finish(delta, reason, cached_prompt_tokens)
         del self._requests[state.handle]
-        self._handles.pop(state.request_id, None)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -248,7 +247,6 @@ class LLMEngine:
                                         *(params.stop_token_ids or [])],
                 grammar=grammar)
             self._requests[handle] = state
-            self._handles[request_id] = handle
         return state
 
     @property
@@ -264,15 +262,19 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         with self._lock:
-            handle = self._handles.pop(request_id, None)
-            if handle is not None:
-                self._requests.pop(handle, None)
+            try:
+                # A live id's handle, or a recently ended one's: handles are never reused,
+                # so popping an ended request's handle drops nothing.
+                handle = int(self.core.request_stats(request_id)["handle"])
+            except KeyError:  # unknown to the core, so not live here either
+                return False
+            self._requests.pop(handle, None)
             return bool(self.core.abort(request_id))
 
     def close(self) -> None:
         """Abort what is left and free the device memory (model, KV cache, graphs)."""
-        for request_id in list(self._handles):
-            self.abort(request_id)
+        for state in list(self._requests.values()):
+            self.abort(state.request_id)
         self.runner.close()
 
     def has_unfinished(self) -> bool:
@@ -286,7 +288,6 @@ class LLMEngine:
                 state = self._requests.pop(h, None)
                 if state is None:
                     continue
-                self._handles.pop(state.request_id, None)
                 self.core.abort(state.request_id)
                 deltas.append(RequestOutput(state.request_id, finished=True,
                                             finish_reason="error", error=message,
@@ -315,11 +316,11 @@ class LLMEngine:
 
     def drain_kv_events(self) -> tuple[bool, int, bytes, bytes]:
         with self._lock:
-            return self.core.drain_kv_events()  # type: ignore[no-any-return]
+            return self.core.drain_kv_events()
 
     def kv_snapshot(self) -> tuple[int, bytes]:
         with self._lock:
-            return self.core.kv_snapshot()  # type: ignore[no-any-return]
+            return self.core.kv_snapshot()
 
     @property
     def model_info(self) -> dict[str, Any]:

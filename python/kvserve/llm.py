@@ -42,6 +42,7 @@ class LLM:
         """Complete every prompt (text or token ids); outputs in input order."""
         if prompts is not None and prompt_token_ids is not None:
             raise ValueError("prompts: give prompts or prompt_token_ids, not both")
+        items: list[dict[str, Any]]
         if prompt_token_ids is not None:
             items = [{"prompt": None, "prompt_token_ids": list(p)} for p in prompt_token_ids]
         else:

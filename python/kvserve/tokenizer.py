@@ -156,7 +156,7 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokeniz
     byte_chars = set(spell.values())
     vocab = {(t if set(t) <= byte_chars else "".join(spell[b] for b in t.encode())): i
              for i, t in enumerate(tokens)}
-    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    pairs = [(left, right) for left, right in (m.split(" ", 1) for m in merges)]
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
     split = _GGUF_SPLITS.get(pre)
     if split is None:

@@ -7,11 +7,11 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 
+use common::Rng;
 use kvserve_core::kv_events::KvEventKind;
 use kvserve_core::prefix_cache::block_hashes;
 use kvserve_core::prefix_index::PrefixIndex;
 use kvserve_core::{Config, PreemptionMode, RequestParams, Scheduler};
-use common::Rng;
 use proptest::prelude::*;
 
 fn model_depth(held: &HashSet<u128>, chain: &[u128]) -> usize {

@@ -20,7 +20,9 @@ def _randn(*shape: int, dtype: torch.dtype, gen: torch.Generator, scale: float =
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-@pytest.mark.parametrize("rows,hidden", [(1, 4096), (3, 4096), (7, 576), (64, 512), (5, 8), (2, 8200)])
+@pytest.mark.parametrize(
+    "rows,hidden", [(1, 4096), (3, 4096), (7, 576), (64, 512), (5, 8), (2, 8200)]
+)
 def test_add_rms_norm_matches_torch(dtype, rows, hidden) -> None:
     gen = torch.Generator(device="cuda").manual_seed(rows * hidden)
     x = _randn(rows, hidden, dtype=dtype, gen=gen)

@@ -50,6 +50,6 @@ def _torch() -> AttentionBackend:
 
 def _cuda() -> AttentionBackend:
     # Lazy: the kernels pull in cuda-python and NVRTC, which CPU installs need not have.
-    from kvserve.attention.cuda import CudaAttentionBackend  # type: ignore[import-not-found]
+    from kvserve.attention.cuda import CudaAttentionBackend
 
     return CudaAttentionBackend()

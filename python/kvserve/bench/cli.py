@@ -50,8 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     try:
         from kvserve.engine_args import EngineArgs
     except ModuleNotFoundError:  # the engine is not built into this install
-        EngineArgs = None
-    if EngineArgs is not None:
+        pass
+    else:
         EngineArgs.add_cli_args(p)
     p.set_defaults(func=run)
 
@@ -71,15 +71,14 @@ async def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvserve.bench import report
-    from kvserve.bench.driver import run_load
+    from kvserve.bench.driver import BenchClient, run_load
     from kvserve.bench.workloads import Workload
 
     rates = _rates(args.rate)
-    engine = None
     if args.server and args.server.startswith(("http://", "https://")):
         from kvserve.bench.http_client import HttpClient
 
-        client = HttpClient(args.server, api_key=args.api_key)
+        client: BenchClient = HttpClient(args.server, api_key=args.api_key)
     elif args.server:
         from kvserve.bench.grpc_client import GrpcClient
 
@@ -122,10 +121,7 @@ async def _bench(args: argparse.Namespace) -> int:
             runs.append(run)
             summaries.append(report.summarise(run))
     finally:
-        if engine is not None:
-            await engine.shutdown()
-        else:
-            await client.close()
+        await client.close()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -41,6 +41,10 @@ class EngineClient:
         vocab = min(self.engine.tokenizer.vocab_size, self.engine.engine.vocab_size)
         return int(vocab), int(info["max_model_len"])
 
+    async def close(self) -> None:
+        """The engine was started for the run: shut it down with the client."""
+        await self.engine.shutdown()
+
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)

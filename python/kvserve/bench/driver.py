@@ -33,6 +33,8 @@ class BenchClient(Protocol):
 
     async def limits(self) -> tuple[int, int]: ...
 
+    async def close(self) -> None: ...
+
 
 @dataclass
 class RequestRecord:
@@ -111,7 +113,7 @@ async def run_load(
     rate: float,
     concurrency: int = 0,
     seed: int = 0,
-    on_done: Callable[[RequestRecord], None] | None = None,
+    on_done: Callable[[RequestRecord], object] | None = None,
 ) -> LoadRun:
     """Send `num_requests` requests (multi-turn follow-ups included) and wait for all."""
     if num_requests < 1:

@@ -16,7 +16,6 @@ from typing import Any, TextIO
 import grpc
 
 from kvserve import env
-from kvserve.server.config import API_KEY_ENV
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 
@@ -138,7 +137,8 @@ def generate_remote(
                     )
         except grpc.RpcError as exc:
             out.write("\n")
-            hint = dict(exc.trailing_metadata() or ()).get("retry-after")
+            trailing: Any = exc.trailing_metadata() or ()  # (key, value) pairs
+            hint = dict(trailing).get("retry-after")
             retry = f" (retry after {hint}s)" if hint else ""
             print(f"kvserve: {server}: {exc.code().name}: {exc.details()}{retry}", file=err)
             return 1

@@ -52,7 +52,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         # q, k and v share one matmul: one weight read per step instead of three.
@@ -140,8 +141,8 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # The decoder-op kernels (model/decoder_ops.py) where the cuda backend runs; decided per forward
-        # from the tensors' device, since the model is built on meta and moved afterwards.
+        # The decoder-op kernels (model/decoder_ops.py) where the cuda backend runs; decided per
+        # forward from the tensors' device, since the model is built on meta and moved afterwards.
         self.fusable = getattr(backend, "name", "") == "cuda"
 
     @torch.inference_mode()
@@ -206,7 +207,8 @@ class LlamaModel(nn.Module):
 
     def _target(self, name: str) -> tuple[str, tuple[int, int] | None]:
         cfg = self.config
-        q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        inter = cfg.intermediate_size
         fused = {
             "q_proj": ("qkv_proj", (0, q)),
             "k_proj": ("qkv_proj", (q, q + kv)),

@@ -74,7 +74,7 @@ async def start_router(cfg: RouterConfig) -> RunningRouter:
             ("grpc.so_reuseport", 0),
         ],
     )
-    add_kvserve_servicer(servicer, server)  # type: ignore[arg-type]
+    add_kvserve_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -180,7 +180,7 @@ class ReplicaSet:
                         await asyncio.sleep(self.upstream.poll_interval_s * 4)
                         continue
                     r.refused = ""
-                h = await r.health.Check(
+                h = await r.health.Check(  # type: ignore[attr-defined]  # stubs lack aio
                     health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
                 )
                 start = time.monotonic()

@@ -313,10 +313,12 @@ class RouterServicer:
         yield  # pragma: no cover -- an async generator, as the stream handler must be
 
     async def ModelInfo(self, request: Any, context: Any) -> pb.ModelInfoResponse:
-        if self.fleet.info is None:
+        fleet_info = self.fleet.info
+        if fleet_info is None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica has answered yet")
+            raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
         info = pb.ModelInfoResponse()
-        info.CopyFrom(self.fleet.info)
+        info.CopyFrom(fleet_info)
         info.device = "fleet"
         return info
 

@@ -16,7 +16,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 def _denied(on_reject: Callable[[], None]) -> Callable[..., Awaitable[Any]]:
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         on_reject()
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
@@ -26,7 +26,7 @@ def _denied(on_reject: Callable[[], None]) -> Callable[..., Awaitable[Any]]:
 def _denied_stream(on_reject: Callable[[], None]) -> Callable[..., Any]:
     deny = _denied(on_reject)
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await deny(request, context)
 
     return deny_stream
@@ -49,9 +49,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method or ""
         if method.startswith(OPEN_PREFIXES) or self._authorized(handler_call_details):
             return await continuation(handler_call_details)

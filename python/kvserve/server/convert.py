@@ -145,7 +145,7 @@ def tokenize_input(req: pb.TokenizeRequest) -> tuple[str | None, list[dict[str, 
     return None, _messages(req.messages, "messages")
 
 
-def finish_reason(reason: str | None) -> int:
+def finish_reason(reason: str | None) -> pb.FinishReason:
     if reason is None:
         return pb.FINISH_REASON_UNSPECIFIED
     return _FINISH_REASONS.get(reason, pb.FINISH_REASON_ABORT)

@@ -65,7 +65,11 @@ class KvServeServicer:
         self.load_stats = load_stats or LoadStats()
 
     async def _reject(
-        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        code: grpc.StatusCode,
+        message: str,
+        reason: str,
     ) -> NoReturn:
         self.metrics.rejected.labels(reason).inc()
         await context.abort(code, message)
@@ -76,7 +80,7 @@ class KvServeServicer:
         return await asyncio.to_thread(self.engine.load)
 
     async def _at_capacity(
-        self, context: grpc.aio.ServicerContext, exc: Exception, reason: str
+        self, context: grpc.aio.ServicerContext[Any, Any], exc: Exception, reason: str
     ) -> NoReturn:
         # from counters read without the core lock: a refusal under a burst must stay cheap
         ahead = self.engine.num_unfinished()

@@ -35,7 +35,10 @@ class SimResult:
     def summary(self) -> dict[str, Any]:
         s = self.stats
         span = max(self.simulated_s, 1e-9)
-        total = lambda key: int(sum(m.get(key, 0) for m in self.core_metrics))
+
+        def total(key: str) -> int:
+            return int(sum(m.get(key, 0) for m in self.core_metrics))
+
         return {
             "requests_sent": s.sent, "completed": s.completed,
             "refused": dict(s.refused), "refused_total": sum(s.refused.values()),

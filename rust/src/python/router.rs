@@ -6,9 +6,9 @@ use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 
+use super::core::PyCore;
 use crate::prefix_cache::block_hashes;
 use crate::prefix_index::{IndexError, PrefixIndex};
-use super::core::PyCore;
 
 fn index_err(e: IndexError) -> PyErr {
     match e {

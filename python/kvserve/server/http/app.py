@@ -42,6 +42,7 @@ from kvserve.server.http.protocol import (
 from kvserve.server.metrics import RequestTimer, ServerMetrics
 from kvserve.server.retry import RetryAfterEstimator
 from kvserve.server.servicer import ServerState
+from kvserve.tokenizer import Tokenizer
 
 log = logging.getLogger("kvserve.server.http")
 T = TypeVar("T")
@@ -186,7 +187,7 @@ def build_app(ctx: HttpContext) -> FastAPI:
         version=__version__,
         description="OpenAI-compatible API of a kvserve server",
     )
-    tokenizer = ctx.engine.tokenizer
+    tokenizer: Tokenizer = ctx.engine.tokenizer
 
     def token_text(token_id: int) -> str:
         return tokenizer.decode([token_id], skip_special_tokens=False)

@@ -7,13 +7,14 @@ oversized body as soon as the declared length or the bytes read pass the limit.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from kvserve.server.http.errors import APIError
 
 Scope = dict[str, Any]
-ASGIApp = Callable[..., Any]
+ASGIApp = Callable[..., Awaitable[None]]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
 OPEN_PATHS = ("/health",)  # load balancers and probers need no secret
 
 
@@ -32,7 +33,7 @@ class BearerAuth:
         self._expected = f"Bearer {api_key}".encode()
         self._on_reject = on_reject
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         got = dict(scope["headers"]).get(b"authorization", b"")
@@ -63,7 +64,7 @@ class BodyLimit:
             code="request_too_large",
         )
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -56,9 +56,9 @@ def _lenient_class(full_name: str) -> type[Message]:
 def _is_repeated(field: FieldDescriptor) -> bool:
     # protobuf 7 dropped `label` for `is_repeated`; 5.x has only `label`
     flag = getattr(field, "is_repeated", None)
-    if flag is not None:
-        return bool(flag)
-    return field.label == FieldDescriptor.LABEL_REPEATED
+    if flag is None:
+        flag = getattr(field, "label", None) == FieldDescriptor.LABEL_REPEATED
+    return bool(flag)
 
 
 def _first_bad_utf8(strict: Descriptor, lenient: Message, path: str) -> str | None:
@@ -75,9 +75,10 @@ def _first_bad_utf8(strict: Descriptor, lenient: Message, path: str) -> str | No
                 except UnicodeDecodeError:
                     return where
             elif real.type == FieldDescriptor.TYPE_MESSAGE:
-                if real.message_type.GetOptions().map_entry:
+                message_type = real.message_type
+                if message_type is None or message_type.GetOptions().map_entry:
                     continue
-                found = _first_bad_utf8(real.message_type, item, f"{where}.")
+                found = _first_bad_utf8(message_type, item, f"{where}.")
                 if found is not None:
                     return found
     return None
@@ -93,7 +94,7 @@ def decode_or_explain(cls: type[M], data: bytes) -> M | BadRequest:
         lenient = _lenient_class(cls.DESCRIPTOR.full_name).FromString(data)
     except DecodeError:
         return BadRequest("request: not a valid protobuf message")
-    where = _first_bad_utf8(cls.DESCRIPTOR, lenient, "")
+    where = _first_bad_utf8(cast(Descriptor, cls.DESCRIPTOR), lenient, "")
     if where is None:
         return BadRequest("request: not a valid protobuf message")
     return BadRequest(f"{where}: not valid UTF-8")

@@ -23,6 +23,12 @@ STREAM_KV_EVENTS = f"/{SERVICE_NAME}/StreamKvEvents"
 class KvServeStub:
     """Client stub; works on a `grpc.Channel` and on a `grpc.aio.Channel`."""
 
+    # Each method is a sync or an aio multicallable, by the channel's kind.
+    Generate: Any
+    Tokenize: Any
+    ModelInfo: Any
+    GetLoad: Any
+
     def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
         self.Generate = channel.unary_stream(
             GENERATE,
@@ -54,15 +60,15 @@ class KvServeStub:
 class KvServeServicer(Protocol):
     """What the server implements. Requests may arrive as decode.BadRequest (bad UTF-8)."""
 
-    async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> None: ...
-    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
-    async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
-    async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
-    def StreamKvEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any: ...
+    async def Generate(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None: ...
+    async def Tokenize(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any: ...
+    async def ModelInfo(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any: ...
+    async def GetLoad(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any: ...
+    def StreamKvEvents(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any: ...
 
 
 def add_kvserve_servicer(servicer: KvServeServicer, server: grpc.aio.Server) -> None:
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
             request_deserializer=deserializer(pb.GenerateRequest),
