@@ -57,13 +57,15 @@ def test_errors_module_re_exports_every_core_exception() -> None:
 
 
 def test_stubtest_agrees(tmp_path: Path) -> None:
-    package_root = Path(kvserve.__file__).parent.parent
+    # run outside the package: from site-packages (a wheel install) mypy would take every
+    # module there for the user's own. It finds kvserve as installed (py.typed, or the
+    # editable install's .pth)
     config = tmp_path / "mypy.ini"  # no project config: stubtest's own defaults
     config.write_text("[mypy]\n")
     result = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "kvserve._core", "--mypy-config-file", str(config)],
         check=False,
-        cwd=package_root,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=600,

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from kvserve.router.config import add_router_args
-from kvserve.router.main import run
 
 
 def register(subparsers: Any) -> None:
@@ -18,4 +17,10 @@ def register(subparsers: Any) -> None:
         "aware), fails over, and refuses at fleet capacity. Same as kvserve-router.",
     )
     add_router_args(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from kvserve.router.main import run  # grpc and the router load only for `route`
+
+    return run(args)

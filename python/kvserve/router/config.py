@@ -7,11 +7,14 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvserve.router.discovery import DiscoveryError, ReplicaAddress, parse_address
 from kvserve.router.policy import POLICIES
-from kvserve.router.replicas import UpstreamConfig
 from kvserve.server.config import ServerConfig, ServerConfigError, add_server_args
+
+if TYPE_CHECKING:  # replicas imports grpc: `kvserve generate` builds this parser without it
+    from kvserve.router.replicas import UpstreamConfig
 
 REPLICA_API_KEY_ENV = "KVSERVE_REPLICA_API_KEY"
 
@@ -56,6 +59,8 @@ class RouterConfig:
                     f"--replica-tls-ca: cannot read {args.replica_tls_ca}: {exc.strerror}"
                 ) from exc
         key = args.replica_api_key or os.environ.get(REPLICA_API_KEY_ENV)
+        from kvserve.router.replicas import UpstreamConfig
+
         upstream = UpstreamConfig(
             api_key=key,
             tls_ca=ca,
