@@ -106,6 +106,7 @@ class LLMEngine:
             return []
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
+            assert logits is not None  # a plan with sequences has tokens
             # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
             sampled = self.sampler(logits, rows, self.runner.last_greedy) if rows else None
         except Exception as exc:  # a failed forward ends its requests, not the engine

@@ -19,12 +19,20 @@ class GrammarRow(Protocol):
 def grammar_bitmask(rows: Sequence[GrammarRow], vocab_size: int) -> torch.Tensor | None:
     """int32 [len(rows), ceil(vocab / 32)] on the CPU, bit set = allowed; rows without a
     grammar allow everything. None when no row has a grammar."""
-    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
-    matchers = [m for r in rows if (m := r.grammar) is not None]
-    if not matchers:
+    idx = _constrained(rows)
+    if not idx:
         return None
+    return _fill(rows, idx, vocab_size)
+
+
+def _constrained(rows: Sequence[GrammarRow]) -> list[int]:
+    return [i for i, r in enumerate(rows) if r.grammar is not None]
+
+
+def _fill(rows: Sequence[GrammarRow], idx: list[int], vocab_size: int) -> torch.Tensor:
     import xgrammar as xgr
 
+    matchers = [m for i in idx if (m := rows[i].grammar) is not None]
     bitmask = xgr.allocate_token_bitmask(len(rows), vocab_size)  # all ones
     if len(idx) == 1:
         matchers[0].fill_next_token_bitmask(bitmask, idx[0])
@@ -35,12 +43,12 @@ def grammar_bitmask(rows: Sequence[GrammarRow], vocab_size: int) -> torch.Tensor
 
 def apply_grammar_mask(logits: torch.Tensor, rows: Sequence[GrammarRow]) -> None:
     """In place on logits [len(rows), V] (CPU or CUDA); a no-op when no row has a grammar."""
-    bitmask = grammar_bitmask(rows, logits.shape[1])
-    if bitmask is None:
+    idx = _constrained(rows)
+    if not idx:
         return
     import xgrammar as xgr
 
-    idx = [i for i, r in enumerate(rows) if r.grammar is not None]
+    bitmask = _fill(rows, idx, logits.shape[1])
     xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True),
                                     vocab_size=logits.shape[1], indices=idx)
 

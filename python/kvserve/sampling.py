@@ -46,18 +46,13 @@ class Sampler:
         the logits (the decode graphs may then run the next step ahead)."""
         return all(_plain_greedy(r.params) and r.params.logprobs is None for r in rows)
 
-    def __call__(self, logits: torch.Tensor | None, rows: Sequence[SampleRow],
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SampleRow],
                  greedy: torch.Tensor | None = None) -> SamplerOutput:
         """logits fp32 [N, V]: one row per sampled sequence, in `rows` order.
 
         greedy: logits.argmax(-1) when the caller already has it on the device (the decode
         graphs compute it); the all-greedy batch then only copies the token ids to the host.
-        logits is None only then (the runner's greedy_only step computes no logits).
         """
-        if logits is None:
-            if greedy is None:
-                raise ValueError("logits: None needs the greedy token ids")
-            return SamplerOutput(greedy.cpu(), None)
         params = [r.params for r in rows]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw = torch.log_softmax(logits, dim=-1) if want_logprobs else None

@@ -12,9 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
 
 from kvserve import _core
 from kvserve.router.config import RouterConfig
@@ -24,10 +22,9 @@ from kvserve.router.metrics import RouterMetrics
 from kvserve.router.policy import Router
 from kvserve.router.replicas import FleetModel, ReplicaSet
 from kvserve.router.service import RouterServicer, RouterState
-from kvserve.server.app import host_port
+from kvserve.server.app import host_port, new_grpc_server, serve_kvserve_v1
 from kvserve.server.auth import BearerAuthInterceptor
 from kvserve.server.metrics_http import MetricsHTTPServer
-from kvserve.server.proto.service import SERVICE_NAME, add_kvserve_servicer
 
 log = logging.getLogger("kvserve.router")
 
@@ -66,38 +63,8 @@ async def start_router(cfg: RouterConfig) -> RunningRouter:
     metrics = RouterMetrics(replicas.all)
     servicer = RouterServicer(replicas, index, Router(cfg.policy, cfg.seed), metrics, fleet, state)
     interceptors = [BearerAuthInterceptor(front.api_key)] if front.api_key else []
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        options=[
-            ("grpc.max_receive_message_length", front.max_message_bytes),
-            ("grpc.max_send_message_length", front.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    add_kvserve_servicer(servicer, server)
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    await health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    address = host_port(front.host, front.port)
-    try:
-        if front.tls:
-            key, chain = front.read_tls()
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, chain)]))
-        else:
-            port = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"--host/--port: cannot listen on {address}: {exc}") from exc
-    if port == 0:
-        raise OSError(f"--host/--port: cannot listen on {address}")
-    await server.start()
+    server = new_grpc_server(front, interceptors)
+    health, port = await serve_kvserve_v1(server, servicer, front)
     metrics_http = None
     if front.metrics_port >= 0:
         metrics_http = MetricsHTTPServer(

@@ -50,28 +50,9 @@ def _gpu_name(device: str) -> str | None:
     return torch.cuda.get_device_name(torch.device(device))
 
 
-@dataclass
-class RunningServer:
-    server: grpc.aio.Server
-    health: health_aio.HealthServicer
-    state: ServerState
-    metrics: ServerMetrics
-    metrics_http: MetricsHTTPServer | None
-    port: int
-    http: HttpFront | None = None
-
-
-async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None) -> RunningServer:
-    state = ServerState()
-    device = resolve_device(engine, device)
-    ridge = cfg.ridge_point if cfg.ridge_point is not None else ridge_point(_gpu_name(device))
-    metrics = ServerMetrics(load=engine.load, ridge=ridge, in_flight=lambda: len(state.live))
-    engine.add_step_listener(metrics.on_step)
-    interceptors = []
-    if cfg.api_key:
-        unauth = metrics.rejected.labels("unauthenticated")
-        interceptors.append(BearerAuthInterceptor(cfg.api_key, on_reject=unauth.inc))
-    server = grpc.aio.server(
+def new_grpc_server(cfg: ServerConfig, interceptors: list[Any]) -> grpc.aio.Server:
+    """The gRPC server of a replica or router front, with its message limits."""
+    return grpc.aio.server(
         interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
@@ -79,25 +60,13 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share
         ],
     )
-    retry = RetryAfterEstimator()
-    load_stats = LoadStats()
-    engine.add_step_listener(load_stats.on_step)
-    kv_events = None
-    if hasattr(engine, "kv_event_source"):
-        kv_events = KvEventHub(
-            engine.kv_event_source, uuid.uuid4().hex, int(engine.model_info.get("block_size", 0))
-        )
-        kv_events.attach(asyncio.get_running_loop())
-        engine.add_step_listener(kv_events.on_step)
-    servicer = KvServeServicer(
-        engine,
-        metrics,
-        state,
-        retry,
-        device=device,
-        kv_events=kv_events,
-        load_stats=load_stats,
-    )
+
+
+async def serve_kvserve_v1(
+    server: grpc.aio.Server, servicer: Any, cfg: ServerConfig
+) -> tuple[health_aio.HealthServicer, int]:
+    """Mount kvserve.v1, standard health (SERVING) and reflection on `server`, bind
+    --host:--port (TLS when configured) and start it: the health service and the port."""
     add_kvserve_servicer(servicer, server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -122,6 +91,51 @@ async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None
     if port == 0:
         raise OSError(f"--host/--port: cannot listen on {address}")
     await server.start()
+    return health, port
+
+
+@dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    health: health_aio.HealthServicer
+    state: ServerState
+    metrics: ServerMetrics
+    metrics_http: MetricsHTTPServer | None
+    port: int
+    http: HttpFront | None = None
+
+
+async def start_server(engine: Any, cfg: ServerConfig, device: str | None = None) -> RunningServer:
+    state = ServerState()
+    device = resolve_device(engine, device)
+    ridge = cfg.ridge_point if cfg.ridge_point is not None else ridge_point(_gpu_name(device))
+    metrics = ServerMetrics(load=engine.load, ridge=ridge, in_flight=lambda: len(state.live))
+    engine.add_step_listener(metrics.on_step)
+    interceptors = []
+    if cfg.api_key:
+        unauth = metrics.rejected.labels("unauthenticated")
+        interceptors.append(BearerAuthInterceptor(cfg.api_key, on_reject=unauth.inc))
+    server = new_grpc_server(cfg, interceptors)
+    retry = RetryAfterEstimator()
+    load_stats = LoadStats()
+    engine.add_step_listener(load_stats.on_step)
+    kv_events = None
+    if hasattr(engine, "kv_event_source"):
+        kv_events = KvEventHub(
+            engine.kv_event_source, uuid.uuid4().hex, int(engine.model_info.get("block_size", 0))
+        )
+        kv_events.attach(asyncio.get_running_loop())
+        engine.add_step_listener(kv_events.on_step)
+    servicer = KvServeServicer(
+        engine,
+        metrics,
+        state,
+        retry,
+        device=device,
+        kv_events=kv_events,
+        load_stats=load_stats,
+    )
+    health, port = await serve_kvserve_v1(server, servicer, cfg)
     metrics_http = None
     if cfg.metrics_port >= 0:
         metrics_host = cfg.metrics_host or cfg.host
