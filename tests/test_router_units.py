@@ -3,6 +3,7 @@ parsing and the replicas file (a bad edit keeps the last good list)."""
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 
 from kvserve import _core
 from kvserve.router.discovery import Discovery, DiscoveryError, ReplicaAddress, parse_address
-from kvserve.router.policy import Candidate, Router
+from kvserve.router.policy import UNKNOWN_DECODE_STEPS, Candidate, Router, kv_wait_s
 
 
 def cand(name: str, **kw: float) -> Candidate:
@@ -27,13 +28,29 @@ def cand(name: str, **kw: float) -> Candidate:
     return Candidate(name=name, **base)  # type: ignore[arg-type]
 
 
+def model_kv_wait(c: Candidate, uncached: int, queue: float) -> float:
+    """KV pressure by brute force: the fewest finished decodes whose blocks cover the
+    deficit, shortest first; unknown decodes count as UNKNOWN_DECODE_STEPS."""
+    if c.block_size <= 0 or c.num_gpu_blocks <= 0:
+        return 0.0
+    deficit = math.ceil((queue + uncached) / c.block_size) - (
+        c.num_gpu_blocks - c.num_used_gpu_blocks
+    )
+    n = max(c.running, len(c.decode_steps_left))
+    if deficit <= 0 or n == 0:
+        return 0.0
+    steps = sorted([*c.decode_steps_left, *[UNKNOWN_DECODE_STEPS] * (n - len(c.decode_steps_left))])
+    per = c.num_used_gpu_blocks / n
+    k = next((k for k in range(1, n + 1) if k * per >= deficit), n)
+    return steps[k - 1] * c.decode_step_s
+
+
 def model_ttft(c: Candidate, prompt: int, rate: float) -> float:
     r = c.prefill_tokens_per_s if c.prefill_tokens_per_s > 0 else rate
+    queue = max(c.waiting_prompt_tokens * (1 - c.prefix_hit_rate), c.pending_prompt_tokens)
+    uncached = max(prompt - c.cached_tokens, 1)
     return (
-        c.rtt_s
-        + max(c.waiting_prompt_tokens, c.pending_prompt_tokens) / r
-        + max(prompt - c.cached_tokens, 1) / r
-        + c.decode_step_s
+        c.rtt_s + max(queue / r, model_kv_wait(c, uncached, queue)) + uncached / r + c.decode_step_s
     )
 
 
@@ -41,18 +58,28 @@ def test_kv_picks_the_lowest_predicted_ttft_on_random_fleets() -> None:
     rng = random.Random(0)
     router = Router("kv")
     for _ in range(300):
-        cands = [
-            cand(
-                f"r{i}",
-                rtt_s=rng.uniform(0, 0.2),
-                prefill_tokens_per_s=rng.choice([0.0, rng.uniform(100, 5000)]),
-                decode_step_s=rng.uniform(0, 0.05),
-                waiting_prompt_tokens=rng.randrange(0, 4000),
-                pending_prompt_tokens=rng.randrange(0, 4000),
-                cached_tokens=rng.randrange(0, 2000),
+        cands = []
+        for i in range(rng.randrange(1, 9)):
+            total = rng.choice([0, rng.randrange(1, 400)])
+            running = rng.randrange(0, 12)
+            known = rng.randrange(0, running + 2)
+            cands.append(
+                cand(
+                    f"r{i}",
+                    rtt_s=rng.uniform(0, 0.2),
+                    prefill_tokens_per_s=rng.choice([0.0, rng.uniform(100, 5000)]),
+                    decode_step_s=rng.uniform(0, 0.05),
+                    waiting_prompt_tokens=rng.randrange(0, 4000),
+                    pending_prompt_tokens=rng.randrange(0, 4000),
+                    cached_tokens=rng.randrange(0, 2000),
+                    prefix_hit_rate=rng.choice([0.0, rng.random()]),
+                    block_size=rng.choice([0, 16]),
+                    num_gpu_blocks=total,
+                    num_used_gpu_blocks=rng.randrange(0, total + 1),
+                    running=running,
+                    decode_steps_left=tuple(rng.randrange(0, 500) for _ in range(known)),
+                )
             )
-            for i in range(rng.randrange(1, 9))
-        ]
         prompt = rng.randrange(1, 2048)
         known = [c.prefill_tokens_per_s for c in cands if c.prefill_tokens_per_s > 0]
         rate = sum(known) / len(known) if known else 5000.0
@@ -69,6 +96,68 @@ def test_a_far_replica_with_the_prefix_beats_a_near_one_without() -> None:
     # ... unless its queue makes it slower
     busy = cand("far", rtt_s=0.080, cached_tokens=1984, waiting_prompt_tokens=3000)
     assert Router("kv").rank([near, busy], 2000)[0].name == "near"
+
+
+def test_a_full_kv_pool_waits_for_decodes_to_finish() -> None:
+    # 100 blocks of 16, 96 in use by 4 decodes (24 each): a 1000-token prompt (63 blocks)
+    # needs 59 more, so 3 decodes must finish; the third shortest has 300 steps left.
+    full = cand(
+        "full",
+        cached_tokens=0,
+        block_size=16,
+        num_gpu_blocks=100,
+        num_used_gpu_blocks=96,
+        running=4,
+        decode_steps_left=(500, 100, 300, 200),
+        decode_step_s=0.02,
+    )
+    assert kv_wait_s(full, 1000) == pytest.approx(300 * 0.02)
+    assert kv_wait_s(full, 60) == 0.0, "4 blocks fit in the 4 free ones"
+    # a decode this router did not send counts as UNKNOWN_DECODE_STEPS
+    other = cand(
+        "o",
+        block_size=16,
+        num_gpu_blocks=100,
+        num_used_gpu_blocks=96,
+        running=4,
+        decode_steps_left=(10,),
+        decode_step_s=0.02,
+    )
+    assert kv_wait_s(other, 1000) == pytest.approx(UNKNOWN_DECODE_STEPS * 0.02)
+    # the replica holding most of the prompt loses to an empty one when its pool is full
+    holder = cand(
+        "holder",
+        cached_tokens=512,
+        block_size=16,
+        num_gpu_blocks=100,
+        num_used_gpu_blocks=100,
+        running=4,
+        decode_steps_left=(400,) * 4,
+        decode_step_s=0.02,
+    )
+    empty = cand("empty", block_size=16, num_gpu_blocks=100)
+    assert Router("kv").rank([holder, empty], 1000)[0].name == "empty"
+    roomy = cand(
+        "holder",
+        cached_tokens=512,
+        block_size=16,
+        num_gpu_blocks=200,
+        num_used_gpu_blocks=100,
+        running=4,
+        decode_steps_left=(400,) * 4,
+        decode_step_s=0.02,
+    )
+    assert Router("kv").rank([roomy, empty], 1000)[0].name == "holder"
+
+
+def test_a_queue_that_will_hit_the_cache_costs_less() -> None:
+    hits = cand("hits", waiting_prompt_tokens=4000, prefix_hit_rate=0.9)
+    misses = cand("misses", waiting_prompt_tokens=1000)
+    assert Router("kv").rank([hits, misses], 100)[0].name == "hits"
+    assert (
+        Router("kv").rank([cand("hits", waiting_prompt_tokens=4000), misses], 100)[0].name
+        == "misses"
+    )
 
 
 def test_round_robin_cycles_least_load_prefers_idle_random_is_seeded() -> None:

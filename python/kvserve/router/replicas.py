@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -83,7 +83,8 @@ class Replica:
     rtt_s: float = 0.0
     instance_id: str = ""
     in_flight: int = 0  # streams this router has open to it
-    pending_prompt_tokens: int = 0  # of those, prompt tokens with no token back yet
+    pending_prompt_tokens: int = 0  # of those with no token back yet, tokens to compute
+    decodes_left: dict[int, int] = field(default_factory=dict)  # per open stream: max tokens left
     poll_task: asyncio.Task[None] | None = None
     feed_task: asyncio.Task[None] | None = None
 

@@ -16,6 +16,7 @@ import grpc
 from kvserve.router.metrics import RouterMetrics
 from kvserve.router.policy import Candidate, Router
 from kvserve.router.replicas import FleetModel, Replica, ReplicaSet
+from kvserve.sampling_params import SamplingParams
 from kvserve.server.proto import pb
 from kvserve.server.proto.decode import BadRequest
 
@@ -31,6 +32,7 @@ RETRYABLE = frozenset(
     }
 )
 UNKNOWN_RETRY_AFTER_S = 1
+DEFAULT_MAX_TOKENS = SamplingParams().max_tokens or 0  # what a replica applies when unset
 REPLICA_HEADER = "kvserve-replica"  # initial metadata of a routed Generate stream
 
 
@@ -77,6 +79,7 @@ class RouterServicer:
         self.fleet = fleet
         self.state = state
         self._next_call = 0
+        self._next_stream = 0
 
     # ---- helpers --------------------------------------------------------------------------
 
@@ -179,6 +182,12 @@ class RouterServicer:
                 pending_prompt_tokens=r.pending_prompt_tokens,
                 in_flight=max(r.in_flight, r.load.in_flight if r.load else 0),
                 cached_tokens=overlaps.get(r.name, 0) * block_size,
+                prefix_hit_rate=r.load.prefix_hit_rate if r.load else 0.0,
+                block_size=block_size,
+                num_gpu_blocks=r.load.num_gpu_blocks if r.load else 0,
+                num_used_gpu_blocks=r.load.num_used_gpu_blocks if r.load else 0,
+                running=r.load.running if r.load else 0,
+                decode_steps_left=tuple(r.decodes_left.values()),
             )
             for r in live
         ]
@@ -229,7 +238,15 @@ class RouterServicer:
         remaining = context.time_remaining()
         call = r.stub.Generate(request, timeout=remaining, metadata=self._md())
         r.in_flight += 1
-        r.pending_prompt_tokens += prompt_tokens
+        # the queue it joins there: what it will compute, not what it will find cached
+        queued = max(prompt_tokens - predicted_cached, 1)
+        r.pending_prompt_tokens += queued
+        ticket = self._next_stream
+        self._next_stream += 1
+        sampling = request.sampling
+        r.decodes_left[ticket] = (
+            sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        )
         pending = True
         sent = 0
         done = False
@@ -249,7 +266,7 @@ class RouterServicer:
                         grpc.StatusCode.UNAVAILABLE, None, None, "stream ended before any message"
                     )
                 )
-            r.pending_prompt_tokens -= prompt_tokens
+            r.pending_prompt_tokens -= queued
             pending = False
             labels = (r.name, r.region)
             # which replica serves it: for operators and tests; sent before any text
@@ -260,6 +277,7 @@ class RouterServicer:
             while True:
                 await context.write(msg)
                 sent += len(msg.token_ids)
+                r.decodes_left[ticket] = max(r.decodes_left[ticket] - len(msg.token_ids), 0)
                 self.metrics.tokens.labels(*labels).inc(len(msg.token_ids))
                 if msg.finished:
                     self.metrics.reported_cached.labels(*labels).inc(msg.usage.cached_prompt_tokens)
@@ -284,8 +302,9 @@ class RouterServicer:
             if not done:
                 call.cancel()  # client cancel or deadline: the replica frees the blocks
             r.in_flight -= 1
+            del r.decodes_left[ticket]
             if pending:
-                r.pending_prompt_tokens -= prompt_tokens
+                r.pending_prompt_tokens -= queued
 
     async def Tokenize(self, request: pb.TokenizeRequest | BadRequest, context: Any) -> Any:
         if isinstance(request, BadRequest):
