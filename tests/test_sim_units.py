@@ -120,7 +120,7 @@ def test_routing_policies() -> None:
     rr = RoundRobin()
     assert [rr.choose(reps, None) for _ in range(4)] == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="router"):
-        make_policy("random")
+        make_policy("closest")
 
 
 def _fleet(profile: Profile, replicas: int, blocks: int | None = None) -> Simulator:

@@ -59,7 +59,7 @@ class IndexFeed:
                         next_seq,
                     )
                     break
-                self._apply(r.name, msg.kinds, msg.block_hashes)
+                self.apply(r.name, msg.kinds, msg.block_hashes)
                 next_seq += len(msg.kinds)
             why = "event stream ended"
         except grpc.aio.AioRpcError as exc:
@@ -68,7 +68,7 @@ class IndexFeed:
             call.cancel()
         self.replicas.mark_down(r, why)
 
-    def _apply(self, name: str, kinds: bytes, hashes: bytes) -> None:
+    def apply(self, name: str, kinds: bytes, hashes: bytes) -> None:
         # consecutive events of one kind go to the index in one call
         start = 0
         for i in range(1, len(kinds) + 1):

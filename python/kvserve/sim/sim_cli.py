@@ -22,7 +22,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="default: from the file name (.csv azure, .jsonl jsonl)")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="trace: multiply arrival times (0.5 = twice the rate)")
-    p.add_argument("--router", choices=("round-robin", "least-load"), default="least-load")
+    p.add_argument("--router", choices=("round-robin", "least-load", "kv", "random"),
+                   default="least-load")
     p.add_argument("--num-requests", type=int, default=None)
     p.add_argument("--duration", type=float, default=None,
                    help="simulated seconds of arrivals (default 60 unless --num-requests)")

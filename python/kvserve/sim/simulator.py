@@ -71,6 +71,9 @@ class Simulator:
         self.profile, self.config, self.policy = profile, config, policy
         self.stats = FleetStats()
         self.replicas = [SimReplica(i, config, profile, self.stats) for i in range(num_replicas)]
+        attach = getattr(policy, "attach", None)
+        if attach is not None:  # e.g. the router's index subscribing to the KV events
+            attach(self.replicas)
         self.series = TimeSeries(SERIES, sample_interval_s)
 
     def _sample(self, now: float) -> None:
