@@ -110,7 +110,8 @@ class Router:
             return []
         if self.policy == "kv":
             rate = fallback_rate(cands)
-            return sorted(cands, key=lambda c: (predicted_ttft(c, prompt_tokens, rate), c.name))
+            key = lambda c: (predicted_ttft(c, prompt_tokens, rate), c.in_flight, c.name)  # noqa: E731
+            return sorted(cands, key=key)
         if self.policy == "least-load":
             return sorted(cands, key=lambda c: (c.in_flight, c.pending_prompt_tokens, c.name))
         ordered = sorted(cands, key=lambda c: c.name)
