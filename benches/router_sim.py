@@ -15,7 +15,7 @@ least-load. Writes results.json and results.md under --out.
 Without --profile the step model is bench_sim_speed.h200_like() (Llama-3-8B shapes and
 H200-like constants, not a calibration). The default fleet is sized so its prefix cache,
 not one replica's, is what holds the shared prompts: 4 replicas of 4096 blocks of 16
-tokens (64k tokens each) against 32 system prompts of 2048 tokens.
+tokens (64k tokens each) against 64 system prompts of 2048 tokens (128k).
 """
 
 from __future__ import annotations
@@ -171,13 +171,13 @@ def main() -> int:
     p.add_argument("--policies", default="kv,round-robin,least-load")
     p.add_argument("--workloads", default="multiturn,shared-prefix,hot-prefix")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 per policy")
-    p.add_argument("--num-requests", type=int, default=800)
-    p.add_argument("--rate", type=float, default=8.0, help="conversations (requests) per s")
+    p.add_argument("--num-requests", type=int, default=4000)
+    p.add_argument("--rate", type=float, default=60.0, help="conversations (requests) per s")
     p.add_argument("--kv-blocks", type=int, default=4096, help="each replica's GPU blocks")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--system-prompts", type=int, default=32)
+    p.add_argument("--system-prompts", type=int, default=64)
     p.add_argument("--system-prompt-len", type=int, default=2048)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
