@@ -199,13 +199,25 @@ async def _drain(call: Any) -> list[Any]:
 def test_second_turn_goes_to_the_replica_holding_the_first(fleet: Fleet) -> None:
     rng = random.Random(3)
     stub = fleet.stub(fleet.router)
+
+    def counts(name: str) -> tuple[float, float]:
+        m = fleet.load().metrics
+        return m[f"{name}/predicted_cached_tokens"], m[f"{name}/reported_cached_tokens"]
+
     for _ in range(3):
         first = prompt(rng, 40)
         _, _, replica = generate(stub, greedy(first, max_tokens=4))
+        # the index has the first turn's blocks before the second is routed
+        fleet.wait_for(lambda: index_matches(fleet, fleet.replicas[:3]), "index == snapshots")
+        before = counts(replica)
         second = first + " " + prompt(rng, 6)
         _, last, replica2 = generate(stub, greedy(second, max_tokens=4))
         assert replica2 == replica
         assert last.usage.cached_prompt_tokens >= 32
+        # the accuracy figures: what the index predicted there vs what the replica reported
+        predicted, reported = (a - b for a, b in zip(counts(replica), before))
+        assert reported == last.usage.cached_prompt_tokens
+        assert predicted == reported
 
 
 def test_cancel_and_deadline_through_the_router_free_the_replica_blocks(fleet: Fleet) -> None:

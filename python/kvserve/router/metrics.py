@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1)
@@ -17,7 +17,7 @@ class _FleetCollector(Collector):
     def __init__(self, replicas: Callable[[], Sequence[Any]]) -> None:
         self._replicas = replicas
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         rs = self._replicas()
         kv = GaugeMetricFamily(
             "kvserve_router_replica_kv_usage",
@@ -34,9 +34,22 @@ class _FleetCollector(Collector):
             "1 when the replica is connected, serving and not refused",
             labels=["replica", "region"],
         )
+        # How exact the index is: the two counts live on the replica (GetLoad shows them too)
+        predicted = CounterMetricFamily(
+            "kvserve_router_predicted_cached_tokens",
+            "prompt tokens the index predicted cached at the chosen replica (finished streams)",
+            labels=["replica", "region"],
+        )
+        reported = CounterMetricFamily(
+            "kvserve_router_reported_cached_tokens",
+            "prompt tokens the replica reported served from its cache (usage) on those streams",
+            labels=["replica", "region"],
+        )
         blocks = used = total_waiting = 0
         for r in rs:
             labels = [r.name, r.region]
+            predicted.add_metric(labels, r.predicted_cached_tokens)
+            reported.add_metric(labels, r.reported_cached_tokens)
             up.add_metric(labels, 1.0 if r.connected and r.serving and not r.refused else 0.0)
             if r.load is not None:
                 kv.add_metric(labels, r.load.kv_usage)
@@ -45,6 +58,8 @@ class _FleetCollector(Collector):
                     blocks += r.load.num_gpu_blocks
                     used += r.load.num_used_gpu_blocks
                     total_waiting += r.load.waiting
+        yield predicted
+        yield reported
         yield kv
         yield waiting
         yield up
@@ -71,18 +86,6 @@ class RouterMetrics:
         )
         self.prompt_tokens = Counter(
             "kvserve_router_prompt_tokens", "prompt tokens routed", labels, registry=r
-        )
-        self.predicted_cached = Counter(
-            "kvserve_router_predicted_cached_tokens",
-            "prompt tokens the index predicted cached at the chosen replica",
-            labels,
-            registry=r,
-        )
-        self.reported_cached = Counter(
-            "kvserve_router_reported_cached_tokens",
-            "prompt tokens the replica reported served from its cache (usage)",
-            labels,
-            registry=r,
         )
         self.at_capacity = Counter(
             "kvserve_router_at_capacity",

@@ -85,6 +85,9 @@ class Replica:
     in_flight: int = 0  # streams this router has open to it
     pending_prompt_tokens: int = 0  # of those with no token back yet, tokens to compute
     decodes_left: dict[int, int] = field(default_factory=dict)  # per open stream: max tokens left
+    # over finished streams: cached prompt tokens the index predicted, and the replica reported
+    predicted_cached_tokens: int = 0
+    reported_cached_tokens: int = 0
     poll_task: asyncio.Task[None] | None = None
     feed_task: asyncio.Task[None] | None = None
 

@@ -273,14 +273,14 @@ class RouterServicer:
             await context.send_initial_metadata(((REPLICA_HEADER, r.name),))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.prompt_tokens.labels(*labels).inc(prompt_tokens)
-            self.metrics.predicted_cached.labels(*labels).inc(predicted_cached)
             while True:
                 await context.write(msg)
                 sent += len(msg.token_ids)
                 r.decodes_left[ticket] = max(r.decodes_left[ticket] - len(msg.token_ids), 0)
                 self.metrics.tokens.labels(*labels).inc(len(msg.token_ids))
                 if msg.finished:
-                    self.metrics.reported_cached.labels(*labels).inc(msg.usage.cached_prompt_tokens)
+                    r.predicted_cached_tokens += predicted_cached
+                    r.reported_cached_tokens += msg.usage.cached_prompt_tokens
                     done = True
                     return
                 try:
@@ -352,6 +352,8 @@ class RouterServicer:
             out.metrics[f"{r.name}/up"] = 1.0 if r.connected and not r.refused else 0.0
             out.metrics[f"{r.name}/admitting"] = 1.0 if admits else 0.0
             out.metrics[f"{r.name}/rtt_s"] = r.rtt_s
+            out.metrics[f"{r.name}/predicted_cached_tokens"] = float(r.predicted_cached_tokens)
+            out.metrics[f"{r.name}/reported_cached_tokens"] = float(r.reported_cached_tokens)
             if r.name in self.index.replicas():
                 out.metrics[f"{r.name}/indexed_blocks"] = float(self.index.replica_stats(r.name)[0])
             if r.load is None or not r.connected:
