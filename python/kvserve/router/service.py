@@ -244,9 +244,7 @@ class RouterServicer:
         ticket = self._next_stream
         self._next_stream += 1
         sampling = request.sampling
-        r.decodes_left[ticket] = (
-            sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
-        )
+        budget = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         pending = True
         sent = 0
         done = False
@@ -268,6 +266,7 @@ class RouterServicer:
                 )
             r.pending_prompt_tokens -= queued
             pending = False
+            r.decodes_left[ticket] = budget  # decoding there now: it holds blocks and a seat
             labels = (r.name, r.region)
             # which replica serves it: for operators and tests; sent before any text
             await context.send_initial_metadata(((REPLICA_HEADER, r.name),))
@@ -302,7 +301,7 @@ class RouterServicer:
             if not done:
                 call.cancel()  # client cancel or deadline: the replica frees the blocks
             r.in_flight -= 1
-            del r.decodes_left[ticket]
+            r.decodes_left.pop(ticket, None)
             if pending:
                 r.pending_prompt_tokens -= queued
 
