@@ -111,22 +111,30 @@ def test_quantize_saturates_and_keeps_relative_precision() -> None:
     assert float(big.float().abs().max()) == FP8_MAX
 
 
-def test_fp8_on_the_cuda_backend_is_refused_naming_the_flag() -> None:
+def test_fp8_on_the_cuda_backend_is_refused_where_its_kernels_cannot_read_it() -> None:
     cuda = object.__new__(CudaAttentionBackend)  # the real check, no device needed
-    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*do not read an FP8"):
-        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16)
+    cuda.capability = (8, 0)  # an A100: no e4m3 conversions
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*capability 8\.9.*8\.0"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 128)
+    cuda.capability = (9, 0)
+    assert check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 128) == FP8_DTYPE
+    assert check_kv_cache_dtype(cuda, "fp8_e4m3", torch.float16, 64) == FP8_DTYPE
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*head sizes.*not 96"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 96)
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*bf16 or fp16"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.float32, 128)
     with pytest.raises(ValueError, match=r"--kv-cache-dtype float16: .*model dtype"):
-        check_kv_cache_dtype(cuda, "float16", torch.bfloat16)
-    assert check_kv_cache_dtype(cuda, "auto", torch.bfloat16) == torch.bfloat16
-    assert check_kv_cache_dtype(cuda, "bfloat16", torch.bfloat16) == torch.bfloat16
+        check_kv_cache_dtype(cuda, "float16", torch.bfloat16, 128)
+    assert check_kv_cache_dtype(cuda, "auto", torch.bfloat16, 96) == torch.bfloat16
+    assert check_kv_cache_dtype(cuda, "bfloat16", torch.bfloat16, 96) == torch.bfloat16
     torch_backend = get_backend("torch", "cpu")
-    assert check_kv_cache_dtype(torch_backend, "fp8_e4m3", torch.float32) == FP8_DTYPE
+    assert check_kv_cache_dtype(torch_backend, "fp8_e4m3", torch.float32, 96) == FP8_DTYPE
 
     class Unstated:  # a backend that states nothing reads only the model dtype
         name = "other"
 
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e4m3"):
-        check_kv_cache_dtype(Unstated(), "fp8_e4m3", torch.float32)
+        check_kv_cache_dtype(Unstated(), "fp8_e4m3", torch.float32, 64)
 
 
 def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama_dir: Path) -> None:
