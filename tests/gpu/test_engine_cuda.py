@@ -86,6 +86,10 @@ def _greedy(
 # by up to ~0.007 (fp16) and ~0.07 (bf16) nats (measured on H100). A greedy choice whose
 # top-2 gap is below TIE may flip; any other difference in tokens or logprobs is an error.
 TIE = {"float16": 0.02, "bfloat16": 0.15}
+# An FP8 cache: each backend calibrates its scales from the same prefill through its own
+# kernels, so scales differ in the last bits and a value may round to the neighbouring e4m3
+# code (3 mantissa bits: up to 1/16 relative); measured up to 0.03 nats (fp16, H200).
+TIE_FP8 = {"float16": 0.1, "bfloat16": 0.15}
 
 
 @pytest.mark.parametrize(
@@ -103,7 +107,7 @@ def test_cuda_backend_greedy_tokens_match_torch_backend(tmp_path, dtype, kv_cach
     prompts = [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in (1, 15, 17, 64, 300)]
     want = _greedy(tmp_path, "torch", dtype, prompts, kv_cache_dtype)
     got = _greedy(tmp_path, "cuda", dtype, prompts, kv_cache_dtype)
-    tie = TIE[dtype]
+    tie = (TIE_FP8 if kv_cache_dtype == "fp8_e4m3" else TIE)[dtype]
     flips = []
     worst = 0.0
     for i, ((w_tok, w_lp), (g_tok, g_lp)) in enumerate(zip(want, got)):

@@ -28,6 +28,7 @@ class AttnConfig:
     warps_m: int  # warps sharing a K/V tile, each with its own query rows
     warps_n: int  # warp groups walking interleaved K/V tiles, merged at the end
     mt: int = 1  # 16-row m-tiles per warp
+    min_ctas: int = 1  # CTAs per SM the compiler must fit in registers (__launch_bounds__)
 
     def block_rows(self) -> int:
         return 16 * self.mt * self.warps_m
@@ -64,6 +65,7 @@ def _attention_kernels(
         ("HEAD_DIM", head_dim),
         ("KV_BF16", KERNEL_DTYPES[dtype]),
         ("KV_FP8", int(fp8)),
+        ("MIN_CTAS", cfg.min_ctas),
         ("MT", cfg.mt),
         ("STAGES", cfg.stages),
         ("WARPS_M", cfg.warps_m),

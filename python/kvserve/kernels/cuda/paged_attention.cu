@@ -43,7 +43,8 @@
 // FP8 needs Q in registers (MT == 1) and sm_89+ (the cvt instruction).
 //
 // Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16: the Q/out dtype), KV_FP8
-// (1: e4m3 cache), HEAD_DIM, GQA, BN, STAGES, WARPS_M, WARPS_N, MT.
+// (1: e4m3 cache), HEAD_DIM, GQA, BN, STAGES, WARPS_M, WARPS_N, MT, MIN_CTAS (resident CTAs
+// per SM the register allocation must allow).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -237,7 +238,10 @@ __device__ __forceinline__ u32 swz(int r, int c) {
   return static_cast<u32>(r * (D * 2) + ((c ^ (r & 7)) << 4));
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
+#ifndef MIN_CTAS
+#define MIN_CTAS 1
+#endif
+extern "C" __global__ void __launch_bounds__(NTHREADS, MIN_CTAS) paged_attention(
     const elem_t* __restrict__ q, i64 q_stride_t, i64 q_stride_h,
     const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, i64 kv_stride_b,
     i64 kv_stride_t, i64 kv_stride_h,
