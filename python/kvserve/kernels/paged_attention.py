@@ -51,8 +51,9 @@ class AttnConfig:
 PREFILL_CONFIG = AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=2)
 DECODE_CONFIG = AttnConfig(bn=16, stages=2, warps_m=1, warps_n=4, mt=1)
 # An FP8 cache: the kernel keeps Q in registers (mt=1); decode tiles twice as many tokens so
-# a stage moves the bytes of the bf16 tile.
-DECODE_CONFIG_FP8 = AttnConfig(bn=32, stages=2, warps_m=1, warps_n=4, mt=1)
+# a stage moves the bytes of the bf16 tile, with registers capped for 3 CTAs per SM (168, no
+# spills). Chosen by measurement among bn 16/32, stages 2-4, 1-3 CTAs (benches/RESULTS.md).
+DECODE_CONFIG_FP8 = AttnConfig(bn=32, stages=2, warps_m=1, warps_n=4, mt=1, min_ctas=3)
 PREFILL_CONFIG_FP8 = AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=1)
 
 
