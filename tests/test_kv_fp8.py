@@ -232,3 +232,17 @@ def test_fp8_greedy_under_preemption_matches_an_unpressed_fp8_run(
         assert m[f"preemptions_{mode}"] > 0, m
         tight.engine.core.check_invariants()
     assert got == want
+
+
+def test_fp8_decode_register_cap_only_where_ctas_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 decode tiling caps registers for 3 CTAs per SM; where its shared memory lets
+    fewer in (head_dim 256: 128 KB a CTA), the cap drops so the kernel does not spill."""
+    from kvserve.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "_smem_per_sm", lambda dev: 228 * 1024)  # H100 / H200
+    cfg = pa.DECODE_CONFIG_FP8
+    assert [pa.resident_ctas_cap(cfg, cfg.smem_bytes(d, 1), 0) for d in (64, 128, 256)] == [
+        3, 3, 1]
+    assert pa.resident_ctas_cap(pa.DECODE_CONFIG, pa.DECODE_CONFIG.smem_bytes(128), 0) == 1
+    monkeypatch.setattr(pa, "_smem_per_sm", lambda dev: 0)  # not reported: no cap
+    assert pa.resident_ctas_cap(cfg, cfg.smem_bytes(128, 1), 0) == 1

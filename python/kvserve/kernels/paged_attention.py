@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -57,22 +58,37 @@ DECODE_CONFIG_FP8 = AttnConfig(bn=32, stages=2, warps_m=1, warps_n=4, mt=1, min_
 PREFILL_CONFIG_FP8 = AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=1)
 
 
+@cache
+def _smem_per_sm(dev: int) -> int:
+    """Shared memory of one SM in bytes (0 where torch does not report it)."""
+    props = torch.cuda.get_device_properties(dev)
+    return int(getattr(props, "shared_memory_per_multiprocessor", 0))
+
+
+def resident_ctas_cap(cfg: AttnConfig, smem: int, dev: int) -> int:
+    """cfg.min_ctas lowered to the CTAs an SM's shared memory holds (1 KB reserved each):
+    capping registers for CTAs that cannot be resident would only cost spills."""
+    per_sm = _smem_per_sm(dev)
+    fit = per_sm // (smem + 1024) if per_sm else 1
+    return max(1, min(cfg.min_ctas, fit))
+
+
 def _attention_kernels(
     dtype: torch.dtype, head_dim: int, group: int, cfg: AttnConfig, dev: int, fp8: bool = False
 ) -> tuple[Kernel, Kernel]:
+    smem = cfg.smem_bytes(head_dim, 1 if fp8 else 2)
     defines = (
         ("BN", cfg.bn),
         ("GQA", group),
         ("HEAD_DIM", head_dim),
         ("KV_BF16", KERNEL_DTYPES[dtype]),
         ("KV_FP8", int(fp8)),
-        ("MIN_CTAS", cfg.min_ctas),
+        ("MIN_CTAS", resident_ctas_cap(cfg, smem, dev)),
         ("MT", cfg.mt),
         ("STAGES", cfg.stages),
         ("WARPS_M", cfg.warps_m),
         ("WARPS_N", cfg.warps_n),
     )
-    smem = cfg.smem_bytes(head_dim, 1 if fp8 else 2)
     attn = load_kernel("paged_attention.cu", "paged_attention", defines, smem, dev)
     merge = load_kernel("paged_attention.cu", "merge_splits", defines, 0, dev)
     return attn, merge
