@@ -111,22 +111,30 @@ def test_quantize_saturates_and_keeps_relative_precision() -> None:
     assert float(big.float().abs().max()) == FP8_MAX
 
 
-def test_fp8_on_the_cuda_backend_is_refused_naming_the_flag() -> None:
+def test_fp8_on_the_cuda_backend_is_refused_where_its_kernels_cannot_read_it() -> None:
     cuda = object.__new__(CudaAttentionBackend)  # the real check, no device needed
-    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*do not read an FP8"):
-        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16)
+    cuda.capability = (8, 0)  # an A100: no e4m3 conversions
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*capability 8\.9.*8\.0"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 128)
+    cuda.capability = (9, 0)
+    assert check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 128) == FP8_DTYPE
+    assert check_kv_cache_dtype(cuda, "fp8_e4m3", torch.float16, 64) == FP8_DTYPE
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*head sizes.*not 96"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.bfloat16, 96)
+    with pytest.raises(ValueError, match=r"--kv-cache-dtype fp8_e4m3: .*bf16 or fp16"):
+        check_kv_cache_dtype(cuda, "fp8_e4m3", torch.float32, 128)
     with pytest.raises(ValueError, match=r"--kv-cache-dtype float16: .*model dtype"):
-        check_kv_cache_dtype(cuda, "float16", torch.bfloat16)
-    assert check_kv_cache_dtype(cuda, "auto", torch.bfloat16) == torch.bfloat16
-    assert check_kv_cache_dtype(cuda, "bfloat16", torch.bfloat16) == torch.bfloat16
+        check_kv_cache_dtype(cuda, "float16", torch.bfloat16, 128)
+    assert check_kv_cache_dtype(cuda, "auto", torch.bfloat16, 96) == torch.bfloat16
+    assert check_kv_cache_dtype(cuda, "bfloat16", torch.bfloat16, 96) == torch.bfloat16
     torch_backend = get_backend("torch", "cpu")
-    assert check_kv_cache_dtype(torch_backend, "fp8_e4m3", torch.float32) == FP8_DTYPE
+    assert check_kv_cache_dtype(torch_backend, "fp8_e4m3", torch.float32, 96) == FP8_DTYPE
 
     class Unstated:  # a backend that states nothing reads only the model dtype
         name = "other"
 
     with pytest.raises(ValueError, match="--kv-cache-dtype fp8_e4m3"):
-        check_kv_cache_dtype(Unstated(), "fp8_e4m3", torch.float32)
+        check_kv_cache_dtype(Unstated(), "fp8_e4m3", torch.float32, 64)
 
 
 def test_unknown_kv_cache_dtype_is_a_clear_error(tiny_llama_dir: Path) -> None:
@@ -224,3 +232,17 @@ def test_fp8_greedy_under_preemption_matches_an_unpressed_fp8_run(
         assert m[f"preemptions_{mode}"] > 0, m
         tight.engine.core.check_invariants()
     assert got == want
+
+
+def test_fp8_decode_register_cap_only_where_ctas_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The FP8 decode tiling caps registers for 3 CTAs per SM; where its shared memory lets
+    fewer in (head_dim 256: 128 KB a CTA), the cap drops so the kernel does not spill."""
+    from kvserve.kernels import paged_attention as pa
+
+    monkeypatch.setattr(pa, "_smem_per_sm", lambda dev: 228 * 1024)  # H100 / H200
+    cfg = pa.DECODE_CONFIG_FP8
+    assert [pa.resident_ctas_cap(cfg, cfg.smem_bytes(d, 1), 0) for d in (64, 128, 256)] == [
+        3, 3, 1]
+    assert pa.resident_ctas_cap(pa.DECODE_CONFIG, pa.DECODE_CONFIG.smem_bytes(128), 0) == 1
+    monkeypatch.setattr(pa, "_smem_per_sm", lambda dev: 0)  # not reported: no cap
+    assert pa.resident_ctas_cap(cfg, cfg.smem_bytes(128, 1), 0) == 1

@@ -7,6 +7,8 @@ rates count causal FLOPs (4 * q_heads * head_dim * attended (query, key) pairs).
 measured in the same run: device-to-device copy (bytes read + written) and a bf16 matmul.
 Every timing is the median of several CUDA-graph replays of many calls, rotating through
 enough input copies that the data does not sit in L2.
+FP8 rows read an e4m3 cache (1 byte per element, per KV head scales) with the FP8 tilings;
+their decode bytes are the e4m3 bytes read, so equal TB/s means twice the tokens per second.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvserve.attention.kv_quant import FP8_DTYPE, FP8_MAX
 from kvserve.kernels import prefill_sm90
 from kvserve.kernels.paged_attention import (
     DECODE_CONFIG,
+    DECODE_CONFIG_FP8,
     PREFILL_CONFIG,
+    PREFILL_CONFIG_FP8,
     AttnConfig,
     paged_attention,
 )
@@ -116,33 +121,45 @@ def matmul_rate() -> float:
 
 
 def paged_cache(
-    num_seqs: int, ctx: int, hkv: int, d: int, bs: int, layout: str, gen: torch.Generator
+    num_seqs: int, ctx: int, hkv: int, d: int, bs: int, layout: str, gen: torch.Generator,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Caches holding exactly the batch's blocks, scattered by a random block table."""
     nb_per = math.ceil(ctx / bs)
     total = num_seqs * nb_per
     shape = (total, bs, hkv, d) if layout == "NHD" else (total, hkv, bs, d)
-    kc = torch.randn(shape, device="cuda", dtype=DT, generator=gen)
-    vc = torch.randn(shape, device="cuda", dtype=DT, generator=gen)
+
+    def cache() -> torch.Tensor:
+        x = torch.randn(shape, device="cuda", dtype=DT, generator=gen)
+        return (x * 64).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE) if fp8 else x
+
+    kc, vc = cache(), cache()
     perm = torch.randperm(total, device="cuda", generator=gen).to(torch.int32)
     table = perm.view(num_seqs, nb_per).contiguous()
     return kc, vc, table
 
 
+def fp8_scales(hkv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    s = torch.full((hkv,), 1 / 64, device="cuda", dtype=torch.float32)
+    return s, s.clone()
+
+
 def bench_decode(
-    b: int, ctx: int, layout: str, cfg: AttnConfig, hq: int = 32, hkv: int = 8, d: int = 128
+    b: int, ctx: int, layout: str, cfg: AttnConfig, hq: int = 32, hkv: int = 8, d: int = 128,
+    fp8: bool = False,
 ) -> float:
     gen = torch.Generator(device="cuda").manual_seed(b * 7 + ctx)
-    kv_bytes = 2 * b * ctx * hkv * d * 2
+    kv_bytes = 2 * b * ctx * hkv * d * (1 if fp8 else 2)
     copies = max(1, min(8, math.ceil(4 * L2_BYTES / kv_bytes)))
     sets = []
     for _ in range(copies):
-        kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen)
+        kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen, fp8)
         q = torch.randn(b, hq, d, device="cuda", dtype=DT, generator=gen)
         out = torch.empty_like(q)
         qsl = torch.arange(b + 1, device="cuda", dtype=torch.int32)
         lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        sets.append((q, PagedKV(kc, vc, layout, table, qsl, lens), out))
+        ks, vs = fp8_scales(hkv) if fp8 else (None, None)
+        sets.append((q, PagedKV(kc, vc, layout, table, qsl, lens, ks, vs), out))
 
     def call(s):
         q, kv, out = s
@@ -197,16 +214,18 @@ def bench_prefill(
     hq: int,
     hkv: int,
     d: int = 128,
+    fp8: bool = False,
 ) -> float:
     """ms of one prefill launch; cfg an AttnConfig (mma.sync) or keyword arguments of
     prefill_sm90.paged_prefill_sm90 (the Hopper kernels: kernel "v1" or "ws")."""
     gen = torch.Generator(device="cuda").manual_seed(b * 13 + new)
-    kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen)
+    kc, vc, table = paged_cache(b, ctx, hkv, d, 16, layout, gen, fp8)
     q = torch.randn(b * new, hq, d, device="cuda", dtype=DT, generator=gen)
     out = torch.empty_like(q)
     qsl = torch.arange(0, b * new + 1, new, device="cuda", dtype=torch.int32)
     lens = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-    kv = PagedKV(kc, vc, layout, table, qsl, lens)
+    ks, vs = fp8_scales(hkv) if fp8 else (None, None)
+    kv = PagedKV(kc, vc, layout, table, qsl, lens, ks, vs)
     if isinstance(cfg, dict):  # the Hopper wgmma kernels
         return graph_time_ms(
             [
@@ -271,6 +290,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     ap.add_argument("--prefill-only", action="store_true", help="no decode shapes")
     ap.add_argument("--no-mma", action="store_true", help="prefill: no mma.sync kernel rows")
+    ap.add_argument("--no-prefill", action="store_true", help="no prefill shapes")
+    ap.add_argument(
+        "--decode-shapes",
+        default=None,
+        help="decode shapes only these, as BxCTX,... (e.g. 64x4096,16x16384)",
+    )
     args = ap.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -305,27 +330,35 @@ def main() -> None:
 
     batches = [1, 64] if args.quick else [1, 16, 64, 256]
     ctxs = [4096] if args.quick else [512, 4096, 16384]
+    decode_shapes = [(b, ctx) for b in batches for ctx in ctxs]
+    if args.decode_shapes:
+        decode_shapes = [
+            (int(b), int(c)) for b, c in (s.split("x") for s in args.decode_shapes.split(","))
+        ]
     if args.prefill_only:
-        batches, ctxs = [], []
+        decode_shapes = []
     sm90 = torch.cuda.get_device_capability() == (9, 0)
-    for b in batches:
-        for ctx in ctxs:
-            shape = f"b{b} ctx{ctx} 32q/8kv d128"
-            kv_bytes = 2 * b * ctx * 8 * 128 * 2
-            for layout in ("HND", "NHD"):
-                ms = bench_decode(b, ctx, layout, DECODE_CONFIG)
-                add("decode", shape, f"kvserve paged {layout}", ms, kv_bytes)
-            for name, be in (
-                ("sdpa flash", SDPBackend.FLASH_ATTENTION),
-                ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
-            ):
-                ms, err = safe(bench_sdpa_decode, b, ctx, be)
-                if ms is not None:
-                    add("decode", shape, f"{name} dense", ms, kv_bytes)
-                else:
-                    print(f"decode   {shape:28s} {name:22s} n/a ({err})", flush=True)
+    fp8_ok = torch.cuda.get_device_capability() >= (8, 9)
+    for b, ctx in decode_shapes:
+        shape = f"b{b} ctx{ctx} 32q/8kv d128"
+        kv_bytes = 2 * b * ctx * 8 * 128 * 2
+        for layout in ("HND", "NHD"):
+            ms = bench_decode(b, ctx, layout, DECODE_CONFIG)
+            add("decode", shape, f"kvserve paged {layout}", ms, kv_bytes)
+        if fp8_ok:
+            ms = bench_decode(b, ctx, "HND", DECODE_CONFIG_FP8, fp8=True)
+            add("decode", shape, "kvserve paged HND fp8", ms, kv_bytes // 2)
+        for name, be in (
+            ("sdpa flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
+            ms, err = safe(bench_sdpa_decode, b, ctx, be)
+            if ms is not None:
+                add("decode", shape, f"{name} dense", ms, kv_bytes)
+            else:
+                print(f"decode   {shape:28s} {name:22s} n/a ({err})", flush=True)
 
-    prefill_shapes = [(8, 4096, 4096), (1, 2048, 8192), (4, 2048, 8192)]
+    prefill_shapes = [] if args.no_prefill else [(8, 4096, 4096), (1, 2048, 8192), (4, 2048, 8192)]
     for b, new, ctx in prefill_shapes:
         flops = 4 * 32 * 128 * b * causal_pairs(new, ctx)
         shape = f"b{b} new{new} ctx{ctx} h32 d128"
@@ -334,6 +367,9 @@ def main() -> None:
                 if not args.no_mma:
                     ms = bench_prefill(b, new, ctx, layout, PREFILL_CONFIG, 32, hkv)
                     add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout}", ms, flops)
+                if fp8_ok and layout == "HND":
+                    ms = bench_prefill(b, new, ctx, layout, PREFILL_CONFIG_FP8, 32, hkv, fp8=True)
+                    add("prefill", shape, f"kvserve {32}q/{hkv}kv {layout} fp8", ms, flops)
                 if sm90:
                     # Both Hopper kernels at their defaults: v1 (paged_prefill_sm90.cu) and
                     # ws (warp-specialised, paged_prefill_sm90_ws.cu).

@@ -12,6 +12,10 @@ Not a test. One run prints a table and writes JSON:
   decode tokens/s by the difference of two generation lengths (prefill cancels out).
 
     python benches/gpu/bench_e2e.py --out bench_out/e2e.json [--layers 32] [--enforce-eager]
+        [--kv-cache-dtype fp8_e4m3]
+
+KV bytes are the cache's own (1 byte per element for fp8_e4m3); "roofline" is the step time
+max(bytes / copy, FLOPs / matmul rate) over the measured one.
 
 (or benches/gpu/run.sh bench, which runs it beside the attention benchmark).
 """
@@ -84,6 +88,7 @@ def hf_decode_tokens_per_s(model, batch: int, ctx: int, short: int, long: int) -
 def build_kvserve(hf_model, shapes: dict, args):
     from kvserve import _core
     from kvserve.attention import get_backend
+    from kvserve.attention.kv_quant import check_kv_cache_dtype
     from kvserve.model import Checkpoint, ModelConfig
     from kvserve.runner import ModelRunner
 
@@ -110,6 +115,7 @@ def build_kvserve(hf_model, shapes: dict, args):
     ckpt = Checkpoint(config=cfg, weights=weights, tokenizer=None, source="random weights")
     device = hf_model.device
     backend = get_backend(args.attention_backend, device)
+    kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, hf_model.dtype, cfg.head_dim)
     max_len = args.ctx + args.decode_steps + 64
     kv_bytes = args.kv_cache_memory  # used on CPU only; CUDA profiles free memory
     runner = ModelRunner(
@@ -124,6 +130,7 @@ def build_kvserve(hf_model, shapes: dict, args):
         kv_bytes,
         args.gpu_memory_utilization,
         0,
+        kv_dtype=kv_dtype,
         **_graph_kwargs(args),
     )
     core = _core.Core(
@@ -224,6 +231,7 @@ def main() -> None:
         help="a tiny fp32 model on the CPU: checks the script, measures nothing",
     )
     p.add_argument("--kv-cache-memory", type=int, default=64 << 20, help="CPU only")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto, bfloat16, float16, fp8_e4m3")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
@@ -261,6 +269,7 @@ def main() -> None:
         r = kvserve_decode(runner, core, cfg, b, args)
         r["mbu"] = r["bytes_per_s"] / copy_bw
         r["mfu"] = r["flops_per_s"] / mm_rate
+        r["roofline"] = max(r["mbu"], r["mfu"])  # roofline step time / measured step time
         if b in hf:
             r["transformers_tokens_per_s"] = hf[b]
             r["speedup_vs_transformers"] = r["tokens_per_s"] / hf[b]
@@ -278,6 +287,8 @@ def main() -> None:
                 "ctx": args.ctx,
                 "enforce_eager": args.enforce_eager,
                 "backend": runner.backend.name,
+                "kv_cache_dtype": args.kv_cache_dtype,
+                "kv_bytes_per_token": runner.kv_bytes_per_token,
                 "rows": rows,
             },
             indent=2,
@@ -285,18 +296,19 @@ def main() -> None:
     )
     print(
         f"\nkvserve decode, Llama-3-8B shapes ({args.layers} layers), ctx {args.ctx}, "
-        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}"
+        f"backend {runner.backend.name}, {'eager' if args.enforce_eager else 'graphs'}, "
+        f"KV {args.kv_cache_dtype} ({runner.kv_bytes_per_token} bytes/token)"
     )
     print(
         f"{'batch':>5} {'step ms':>8} {'tok/s':>9} {'GB/s':>7} {'MBU':>6} {'TFLOP/s':>8} "
-        f"{'MFU':>6} {'vs HF':>7}"
+        f"{'MFU':>6} {'roofline':>8} {'vs HF':>7}"
     )
     for r in rows:
         vs = f"{r['speedup_vs_transformers']:.1f}x" if "speedup_vs_transformers" in r else "-"
         print(
             f"{r['batch']:>5} {r['step_ms']:>8.2f} {r['tokens_per_s']:>9.0f} "
             f"{r['bytes_per_s'] / 1e9:>7.0f} {r['mbu']:>6.1%} {r['flops_per_s'] / 1e12:>8.1f} "
-            f"{r['mfu']:>6.1%} {vs:>7}"
+            f"{r['mfu']:>6.1%} {r['roofline']:>8.1%} {vs:>7}"
         )
 
 

@@ -61,7 +61,8 @@ class LLMEngine:
             self.runner: ModelRunner | SimRunner = SimRunner(cfg, args, cfg.vocab_size)
         else:
             backend = get_backend(args.attention_backend, self.device)
-            kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, self.dtype)
+            kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, self.dtype,
+                                            cfg.head_dim)
             self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
                                       self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,

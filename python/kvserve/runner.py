@@ -119,7 +119,9 @@ class ModelRunner:
         meta = _meta_for_one_prefill(n, self.block_size, self.device)
         self.model(ids, torch.arange(n, device=self.device), meta, caches)
         for layer, (k, v) in zip(self.model.layers, caches):
-            rows = (-1, *k.shape[-2:])  # the torch layout: [slots, Hkv, D]
+            if getattr(self.backend, "layout", "NHD") == "HND":  # [blocks, Hkv, bs, D]
+                k, v = k.transpose(1, 2), v.transpose(1, 2)
+            rows = (-1, *k.shape[-2:])  # [slots, Hkv, D]
             scales = kv_quant.KVScales(
                 k=kv_quant.scales_from_absmax(kv_quant.head_absmax(k.reshape(rows)[:n])),
                 v=kv_quant.scales_from_absmax(kv_quant.head_absmax(v.reshape(rows)[:n])))

@@ -44,8 +44,10 @@ class AttentionBackend(Protocol):
         """Shape of one layer's K (or V) cache. Dimension 0 is always the block id."""
         ...
 
-    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
-        """Why this backend cannot read a KV cache of kv_dtype (None: it can)."""
+    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype,
+                         head_dim: int) -> str | None:
+        """Why this backend cannot read a KV cache of kv_dtype for heads of head_dim
+        (None: it can)."""
         ...
 
     def forward(

@@ -73,27 +73,29 @@ def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (x.float() * scale[:, None]).to(dtype)
 
 
-def kv_cache_refusal(backend: object, kv_dtype: torch.dtype, model_dtype: torch.dtype
-                     ) -> str | None:
-    """Why `backend` cannot read a cache of kv_dtype, or None when it can.
+def kv_cache_refusal(backend: object, kv_dtype: torch.dtype, model_dtype: torch.dtype,
+                     head_dim: int) -> str | None:
+    """Why `backend` cannot read a cache of kv_dtype for heads of head_dim, or None when
+    it can.
 
-    A backend states what it reads with `kv_cache_refusal(kv_dtype, model_dtype)`; one that
-    states nothing is taken to read only the model dtype.
+    A backend states what it reads with `kv_cache_refusal(kv_dtype, model_dtype, head_dim)`;
+    one that states nothing is taken to read only the model dtype.
     """
     ask = getattr(backend, "kv_cache_refusal", None)
     if ask is not None:
-        reason: str | None = ask(kv_dtype, model_dtype)
+        reason: str | None = ask(kv_dtype, model_dtype, head_dim)
         return reason
     if kv_dtype != model_dtype:
         return f"the {getattr(backend, 'name', '?')} attention backend reads only the model dtype"
     return None
 
 
-def check_kv_cache_dtype(backend: object, name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache dtype for --kv-cache-dtype `name`; refused (ValueError) where the backend
-    cannot read it, never served in another dtype."""
+def check_kv_cache_dtype(backend: object, name: str, model_dtype: torch.dtype,
+                         head_dim: int) -> torch.dtype:
+    """The cache dtype for --kv-cache-dtype `name` (heads of head_dim); refused (ValueError)
+    where the backend cannot read it, never served in another dtype."""
     kv_dtype = resolve_kv_dtype(name, model_dtype)
-    reason = kv_cache_refusal(backend, kv_dtype, model_dtype)
+    reason = kv_cache_refusal(backend, kv_dtype, model_dtype, head_dim)
     if reason is not None:
         raise ValueError(f"--kv-cache-dtype {name}: {reason}")
     return kv_dtype

@@ -28,8 +28,9 @@ class TorchAttentionBackend:
                        head_dim: int) -> tuple[int, ...]:
         return (num_blocks, block_size, num_kv_heads, head_dim)
 
-    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype) -> str | None:
-        return None  # reads every KV cache dtype
+    def kv_cache_refusal(self, kv_dtype: torch.dtype, model_dtype: torch.dtype,
+                         head_dim: int) -> str | None:
+        return None  # reads every KV cache dtype, any head size
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 from .launcher import F32, I32, I64, PTR, Kernel, ctas_per_sm, load_kernel, sm_count
 from .paged_kv import PagedKV, paged_args, validate_attention
-from .validate import KERNEL_DTYPES, device_index, require
+from .validate import FP8_HEAD_DIMS, KERNEL_DTYPES, device_index, require
 
 _MERGE_LANES = 4  # = MERGE_LANES in paged_attention.cu
 _MAX_SPLITS = 256  # = MAX_SPLITS in paged_attention.cu
@@ -28,6 +29,7 @@ class AttnConfig:
     warps_m: int  # warps sharing a K/V tile, each with its own query rows
     warps_n: int  # warp groups walking interleaved K/V tiles, merged at the end
     mt: int = 1  # 16-row m-tiles per warp
+    min_ctas: int = 1  # CTAs per SM the compiler must fit in registers (__launch_bounds__)
 
     def block_rows(self) -> int:
         return 16 * self.mt * self.warps_m
@@ -35,8 +37,9 @@ class AttnConfig:
     def threads(self) -> int:
         return 32 * self.warps_m * self.warps_n
 
-    def smem_bytes(self, head_dim: int) -> int:
-        kv = self.warps_n * self.stages * 2 * self.bn * head_dim * 2
+    def smem_bytes(self, head_dim: int, kv_bytes: int = 2) -> int:
+        """Dynamic shared memory; kv_bytes per cached element (1: an FP8 cache)."""
+        kv = self.warps_n * self.stages * 2 * self.bn * head_dim * kv_bytes
         if self.mt > 1:  # Q tile in shared memory too
             kv += self.block_rows() * head_dim * 2
         staging = self.warps_n * self.block_rows() * ((head_dim + 4) + 2) * 4
@@ -48,24 +51,45 @@ class AttnConfig:
 # heads of one token). Chosen by measurement (benches/RESULTS.md, "Attention kernels").
 PREFILL_CONFIG = AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=2)
 DECODE_CONFIG = AttnConfig(bn=16, stages=2, warps_m=1, warps_n=4, mt=1)
+# An FP8 cache: the kernel keeps Q in registers (mt=1); decode tiles twice as many tokens so
+# a stage moves the bytes of the bf16 tile, with registers capped for 3 CTAs per SM (168, no
+# spills). Chosen by measurement among bn 16/32, stages 2-4, 1-3 CTAs (benches/RESULTS.md).
+DECODE_CONFIG_FP8 = AttnConfig(bn=32, stages=2, warps_m=1, warps_n=4, mt=1, min_ctas=3)
+PREFILL_CONFIG_FP8 = AttnConfig(bn=64, stages=2, warps_m=4, warps_n=1, mt=1)
+
+
+@cache
+def _smem_per_sm(dev: int) -> int:
+    """Shared memory of one SM in bytes (0 where torch does not report it)."""
+    props = torch.cuda.get_device_properties(dev)
+    return int(getattr(props, "shared_memory_per_multiprocessor", 0))
+
+
+def resident_ctas_cap(cfg: AttnConfig, smem: int, dev: int) -> int:
+    """cfg.min_ctas lowered to the CTAs an SM's shared memory holds (1 KB reserved each):
+    capping registers for CTAs that cannot be resident would only cost spills."""
+    per_sm = _smem_per_sm(dev)
+    fit = per_sm // (smem + 1024) if per_sm else 1
+    return max(1, min(cfg.min_ctas, fit))
 
 
 def _attention_kernels(
-    dtype: torch.dtype, head_dim: int, group: int, cfg: AttnConfig, dev: int
+    dtype: torch.dtype, head_dim: int, group: int, cfg: AttnConfig, dev: int, fp8: bool = False
 ) -> tuple[Kernel, Kernel]:
+    smem = cfg.smem_bytes(head_dim, 1 if fp8 else 2)
     defines = (
         ("BN", cfg.bn),
         ("GQA", group),
         ("HEAD_DIM", head_dim),
         ("KV_BF16", KERNEL_DTYPES[dtype]),
+        ("KV_FP8", int(fp8)),
+        ("MIN_CTAS", resident_ctas_cap(cfg, smem, dev)),
         ("MT", cfg.mt),
         ("STAGES", cfg.stages),
         ("WARPS_M", cfg.warps_m),
         ("WARPS_N", cfg.warps_n),
     )
-    attn = load_kernel(
-        "paged_attention.cu", "paged_attention", defines, cfg.smem_bytes(head_dim), dev
-    )
+    attn = load_kernel("paged_attention.cu", "paged_attention", defines, smem, dev)
     merge = load_kernel("paged_attention.cu", "merge_splits", defines, 0, dev)
     return attn, merge
 
@@ -101,11 +125,13 @@ def paged_attention(
     Host-side bounds (max_query_len, max_seq_len) must cover those sequences; first_token is
     the absolute index of seq_begin's first token (used to index split-KV partial outputs).
     pdl: launch the kernel and its split merge with programmatic dependent launch.
+    An FP8 cache (kv.fp8, with kv.k_scale / kv.v_scale) is dequantized on chip; it needs a
+    config with mt=1 (DECODE_CONFIG_FP8, PREFILL_CONFIG_FP8) and head_dim in FP8_HEAD_DIMS.
     """
     nseq = seq_end - seq_begin
     if nseq <= 0 or max_query_len <= 0:
         return
-    Hq, D, Hkv, (_, _, _, block_size) = validate_attention(q, kv, out, seq_end)
+    Hq, D, Hkv, (sb, st, sh, block_size) = validate_attention(q, kv, out, seq_end)
     require(q.stride(0) % 2 == 0 and q.stride(1) % 2 == 0, "q strides must be even (4-byte rows)")
     if config.mt > 1:  # Q rows are copied with 16-byte cp.async
         require(
@@ -116,9 +142,21 @@ def paged_attention(
         out.stride(0) % 4 == 0 and out.stride(1) % 4 == 0,
         "out strides must be multiples of 4 elements (8-byte stores)",
     )
+    fp8 = kv.fp8
+    if fp8:
+        require(config.mt == 1, "an FP8 cache needs a tiling with Q in registers (mt=1)")
+        require(D in FP8_HEAD_DIMS, f"an FP8 cache needs head_dim in {FP8_HEAD_DIMS}, got {D}")
+        require(
+            q.stride(0) % 4 == 0 and q.stride(1) % 4 == 0 and q.data_ptr() % 8 == 0,
+            "q rows must be 8-byte aligned for an FP8 cache",
+        )
+        require(
+            (sb % 16, st % 16, sh % 16) == (0, 0, 0),
+            "an FP8 cache's strides must be multiples of 16 elements (16-byte rows)",
+        )
     dev = device_index(q)
     group = Hq // Hkv
-    attn, merge = _attention_kernels(q.dtype, D, group, config, dev)
+    attn, merge = _attention_kernels(q.dtype, D, group, config, dev, fp8)
     n_qtiles = math.ceil(max_query_len * group / config.block_rows())
     ctas = n_qtiles * Hkv * nseq
     if max_query_len > 1:
@@ -163,6 +201,8 @@ def paged_attention(
             (block_size, I32),
             (block_size.bit_length() - 1, I32),
             (scale * LOG2E, F32),
+            (kv.k_scale.data_ptr() if kv.k_scale is not None else 0, PTR),
+            (kv.v_scale.data_ptr() if kv.v_scale is not None else 0, PTR),
         ],
         pdl,
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .launcher import I32, I64, PTR
-from .validate import KERNEL_DTYPES, require
+from .validate import KERNEL_DTYPES, is_fp8_cache, require
 
 LAYOUTS = ("NHD", "HND")
 
@@ -26,6 +26,14 @@ class PagedKV:
     block_table: torch.Tensor  # int32 [num_seqs, max_blocks], contiguous rows, -1 padded
     query_start_loc: torch.Tensor  # int32 [num_seqs + 1], absolute token offsets
     seq_lens: torch.Tensor  # int32 [num_seqs]: context length after the step
+    # An FP8 (e4m3) cache's dequantization scales, float32 [Hkv] each (attention/kv_quant.py);
+    # None for a cache in the model dtype.
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
+
+    @property
+    def fp8(self) -> bool:
+        return is_fp8_cache(self.k_cache)
 
 
 def cache_strides(cache: torch.Tensor, layout: str) -> tuple[int, int, int, int]:
@@ -55,9 +63,25 @@ def validate_attention(
         f"q must be [T, Hq, D] with contiguous D, got {tuple(q.shape)}",
     )
     require(q.dtype in KERNEL_DTYPES, f"q dtype must be bf16 or fp16, got {q.dtype}")
-    require(
-        q.dtype == k_cache.dtype == v_cache.dtype == out.dtype, "q, caches and out dtypes differ"
-    )
+    require(q.dtype == out.dtype, f"q and out dtypes differ: {q.dtype}, {out.dtype}")
+    require(k_cache.dtype == v_cache.dtype, "k_cache and v_cache dtypes differ")
+    if kv.fp8:
+        Hkv_ = kv_heads(k_cache, kv.layout)
+        for name, sc in (("k_scale", kv.k_scale), ("v_scale", kv.v_scale)):
+            require(
+                sc is not None
+                and sc.dtype == torch.float32
+                and sc.is_contiguous()
+                and tuple(sc.shape) == (Hkv_,)
+                and sc.device == k_cache.device,
+                f"{name}: an FP8 cache needs contiguous float32 [{Hkv_}] scales on its device",
+            )
+    else:
+        require(q.dtype == k_cache.dtype, f"q and cache dtypes differ: {q.dtype}, {k_cache.dtype}")
+        require(
+            kv.k_scale is None and kv.v_scale is None,
+            "k_scale/v_scale are only for an FP8 cache",
+        )
     require(out.shape == q.shape and out.stride(2) == 1, "out must match q's shape, contiguous D")
     require(
         k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),

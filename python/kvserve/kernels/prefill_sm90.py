@@ -115,6 +115,7 @@ def paged_prefill_sm90(
     if nseq <= 0 or max_query_len <= 0:
         return
     Hq, D, Hkv, (sb, st, sh, block_size) = validate_attention(q, kv, out, seq_end)
+    require(not kv.fp8, "paged_prefill_sm90 reads a cache in the model dtype, not FP8")
     require(
         supported(q, out),
         "paged_prefill_sm90 needs an sm_90 device, head_dim 128 and q/out rows aligned to 16 "

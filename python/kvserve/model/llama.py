@@ -71,8 +71,9 @@ class Attention(nn.Module):
         """(attention output, residual + x): the input norm runs here, fused into qkv_proj."""
         qkv, residual = ops.norm_linear(x, residual, norm, self.qkv_proj, fused, role="qkv")
         layout = getattr(self.backend, "layout", None)
-        if fused and layout is not None:
+        if fused and layout is not None and self.kv_scales is None:
             # rope_qkv stores k/v in the cache itself; the (cuda) backend skips its write.
+            # An FP8 cache is written by the backend's quantizing cache write instead.
             from kvserve.kernels.decoder_kernels import CacheTarget
 
             target = CacheTarget(cache[0], cache[1], meta.slot_mapping, layout)

@@ -23,8 +23,28 @@
 // instructions do nothing. The o_proj GEMV after merge_splits issues its weight loads before
 // its own wait, so it streams weights while attention and the merge run.
 //
-// Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16), HEAD_DIM, GQA, BN, STAGES,
-// WARPS_M, WARPS_N, MT.
+// FP8 cache (KV_FP8=1): K and V are stored as e4m3 with one float scale per KV head
+// (attention/kv_quant.py). Tiles arrive in shared memory as e4m3 (half the bytes) and each
+// thread converts its mma fragments in registers right after the shared-memory load
+// (cvt e4m3x2 -> f16x2, exact), so the mmas run in f16 whatever the model dtype: Q is
+// converted to f16 once (exact for bf16 values in f16's range, saturated beyond), P is f16,
+// the K scale is folded into the softmax scale and the V scale into the final normalisation.
+// The fragment layouts come from relabelling, not from moving bytes:
+//  - S = Q K^T sums over head dims, so any permutation of them applied to Q and K alike
+//    leaves S unchanged. Thread (gid, tig) owns the D/4 contiguous dims [tig*D/4, +D/4) of
+//    its K row: 16-byte loads give the B fragments of four k-steps at once, and its Q
+//    fragments are read from global memory with the same map.
+//  - O = P V: the output dims are relabelled so that thread gid's B-fragment column of every
+//    n-tile dp is dim gid*D/8 + dp, i.e. D/8 contiguous bytes of each V row; two token rows
+//    are interleaved byte-wise (prmt) into e4m3 pairs. The thread's accumulator column
+//    (tig*2 + e) of n-tile dp is then dim (tig*2 + e)*D/8 + dp, undone at the final store.
+// Both K and V tiles use their own XOR swizzles (kswz8, vswz8), chosen so that these
+// 16-byte reads are free of bank conflicts (D=64 V reads keep a 2-way conflict).
+// FP8 needs Q in registers (MT == 1) and sm_89+ (the cvt instruction).
+//
+// Compile-time configuration (-D): KV_BF16 (1: bf16, 0: fp16: the Q/out dtype), KV_FP8
+// (1: e4m3 cache), HEAD_DIM, GQA, BN, STAGES, WARPS_M, WARPS_N, MT, MIN_CTAS (resident CTAs
+// per SM the register allocation must allow).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -38,13 +58,30 @@ typedef __half elem_t;
 typedef unsigned int u32;
 typedef long long i64;
 
+#ifndef KV_FP8
+#define KV_FP8 0
+#endif
+constexpr bool FP8 = KV_FP8;
+#if KV_FP8 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 890
+#error "an FP8 cache needs sm_89 or newer (cvt e4m3x2)"
+#endif
+#if KV_FP8
+typedef unsigned char kv_t;
+#else
+typedef elem_t kv_t;
+#endif
+// The mma operand type: the model dtype, or f16 for an FP8 cache (e4m3 -> f16 is exact).
+#define MMA_BF16 (KV_BF16 && !KV_FP8)
+
 constexpr int D = HEAD_DIM;
 constexpr int G = GQA;
-constexpr int CHUNKS = D / 8;  // 16-byte chunks per K/V row
+constexpr int KV_ELEM = FP8 ? 1 : 2;  // bytes per cached element
+constexpr int CHUNKS = D * KV_ELEM / 16;  // 16-byte chunks per K/V row
+constexpr int QCHUNKS = D / 8;  // 16-byte chunks per Q row
 constexpr int BM = 16 * MT * WARPS_M;  // packed rows per CTA
 constexpr int GROUP_THREADS = 32 * WARPS_M;
 constexpr int NTHREADS = GROUP_THREADS * WARPS_N;
-constexpr int TILE_BYTES = BN * D * 2;
+constexpr int TILE_BYTES = BN * D * KV_ELEM;
 constexpr int GROUP_SMEM = STAGES * 2 * TILE_BYTES;
 constexpr int OSTRIDE = D + 4;  // fp32 staging row stride, padded against bank conflicts
 // With several m-tiles per warp, Q lives in shared memory (ldmatrix per k-step) instead of
@@ -67,6 +104,8 @@ static_assert(D % 16 == 0 && D >= 16, "HEAD_DIM must be a multiple of 16");
 static_assert(BN % 16 == 0, "BN must be a multiple of 16");
 static_assert(STAGES >= 2, "STAGES must be >= 2");
 static_assert(!QSMEM || WARPS_N == 1, "Q in shared memory needs a single warp group");
+static_assert(!FP8 || (MT == 1 && (D == 64 || D == 128 || D == 256)),
+              "an FP8 cache needs Q in registers (MT == 1) and HEAD_DIM 64, 128 or 256");
 static_assert(GROUP_THREADS % CHUNKS == 0 && (BN * CHUNKS) % GROUP_THREADS == 0,
               "a warp group must load whole K/V tiles in equal passes");
 
@@ -109,7 +148,7 @@ __device__ __forceinline__ void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u
 }
 
 __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b0, u32 b1) {
-#if KV_BF16
+#if MMA_BF16
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
@@ -124,6 +163,7 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const u32 (&a)[4], u32 b
 #endif
 }
 
+// Two floats as the output dtype (elem_t).
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
 #if KV_BF16
   __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
@@ -133,14 +173,77 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
   return *reinterpret_cast<u32*>(&h);
 }
 
+// Two floats as the mma operand type (P).
+__device__ __forceinline__ u32 pack2_mma(float lo, float hi) {
+#if MMA_BF16
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+#else
+  __half2 h = __floats2half2_rn(lo, hi);
+#endif
+  return *reinterpret_cast<u32*>(&h);
+}
+
+// Two Q elements (elem_t) as the mma operand type: f16 for an FP8 cache, saturated.
+__device__ __forceinline__ u32 q_operand(u32 x) {
+#if KV_FP8 && KV_BF16
+  float2 f = __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&x));
+  __half2 h = __floats2half2_rn(fminf(fmaxf(f.x, -65504.f), 65504.f),
+                                fminf(fmaxf(f.y, -65504.f), 65504.f));
+  return *reinterpret_cast<u32*>(&h);
+#else
+  return x;
+#endif
+}
+
+// Two e4m3 values (low byte: low half) as f16x2; exact.
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 x) {
+  u32 r;
+  const unsigned short h = static_cast<unsigned short>(x & 0xffff);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;\n" : "=r"(r) : "h"(h));
+  return r;
+}
+__device__ __forceinline__ uint4 lds128(u32 addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ uint2 lds64(u32 addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+// Byte offsets of 16-byte chunk c of row r in the FP8 K and V tiles ([rows][D] bytes).
+// K: the 8 lanes of a 16-byte-load phase read rows gid, gid+1 at chunks tig*D/64 + j;
+// V: rows 2tig(+1) (+8) at chunks gid*D/128 + j (D=64: half chunks).
+__device__ __forceinline__ u32 kswz8(int r, int c) {
+  return static_cast<u32>(r * D + ((c ^ (r & 1) ^ ((c >> 2) & 2)) << 4));
+}
+__device__ __forceinline__ u32 vswz8(int r, int c) {
+  int x;
+  if constexpr (D == 64) {
+    x = (r >> 1) & 3;
+  } else if constexpr (D == 128) {
+    x = ((r >> 1) & 3) << 1;
+  } else {
+    x = ((r >> 1) & 1) | (((r >> 2) & 1) << 2);
+  }
+  return static_cast<u32>(r * D + ((c ^ x) << 4));
+}
+
 // Byte offset of 16-byte chunk c of row r in a swizzled [rows][D] tile.
 __device__ __forceinline__ u32 swz(int r, int c) {
   return static_cast<u32>(r * (D * 2) + ((c ^ (r & 7)) << 4));
 }
 
-extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
+#ifndef MIN_CTAS
+#define MIN_CTAS 1
+#endif
+extern "C" __global__ void __launch_bounds__(NTHREADS, MIN_CTAS) paged_attention(
     const elem_t* __restrict__ q, i64 q_stride_t, i64 q_stride_h,
-    const elem_t* __restrict__ k_cache, const elem_t* __restrict__ v_cache, i64 kv_stride_b,
+    const kv_t* __restrict__ k_cache, const kv_t* __restrict__ v_cache, i64 kv_stride_b,
     i64 kv_stride_t, i64 kv_stride_h,
     const int* __restrict__ block_table, int bt_stride,  // rows of this launch's sequences
     const int* __restrict__ query_start_loc,  // [num_seqs + 1], absolute token indices
@@ -149,7 +252,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
     float* __restrict__ part_o,    // [num_splits, part_tokens, Hq, D] when num_splits > 1
     float* __restrict__ part_lse,  // [num_splits, part_tokens, Hq]
     int token_base, int part_tokens, int num_splits, int split_tokens, int block_size,
-    int block_shift, float scale_log2) {
+    int block_shift, float scale_log2,
+    const float* __restrict__ k_scale,  // [num_kv_heads] (FP8 cache only)
+    const float* __restrict__ v_scale) {
   extern __shared__ __align__(128) unsigned char smem[];
   PDL_TRIGGER();
   PDL_WAIT();  // q and the cache rows come from the kernels before this one
@@ -178,6 +283,12 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
     kv_end = min(kv_end, kv_begin + split_tokens);
   }
   const int ntiles = kv_end > kv_begin ? (kv_end - kv_begin + BN - 1) / BN : 0;
+  float qk_scale = scale_log2;  // S -> log2 domain (times the K scale for FP8)
+  float out_scale = 1.f;        // the V scale for FP8
+  if constexpr (FP8) {
+    qk_scale *= k_scale[kvh];
+    out_scale = v_scale[kvh];
+  }
 
   const int warp = threadIdx.x >> 5;
   const int lane = threadIdx.x & 31;
@@ -198,9 +309,9 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
   u32 qf[QSMEM ? 1 : MT][QSMEM ? 1 : D / 16][4];
   int lim[MT][2];  // last KV index each of my rows may see (-1: padding row)
   if constexpr (QSMEM) {
-    for (int idx = threadIdx.x; idx < BM * CHUNKS; idx += NTHREADS) {
-      const int r = idx / CHUNKS;
-      const int c = idx % CHUNKS;
+    for (int idx = threadIdx.x; idx < BM * QCHUNKS; idx += NTHREADS) {
+      const int r = idx / QCHUNKS;
+      const int c = idx % QCHUNKS;
       const int row = row0 + r;
       const elem_t* src = q;
       if (row < nrows) {
@@ -226,8 +337,14 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
       for (int ks = 0; ks < D / 16; ++ks) {
         u32 lo = 0, hi = 0;
         if (valid) {
-          lo = *reinterpret_cast<const u32*>(qrow + ks * 16 + tig * 2);
-          hi = *reinterpret_cast<const u32*>(qrow + ks * 16 + 8 + tig * 2);
+          if constexpr (FP8) {  // k-step ks of thread tig: dims tig*D/4 + ks*4 + 0..3
+            const uint2 w = *reinterpret_cast<const uint2*>(qrow + tig * (D / 4) + ks * 4);
+            lo = q_operand(w.x);
+            hi = q_operand(w.y);
+          } else {
+            lo = *reinterpret_cast<const u32*>(qrow + ks * 16 + tig * 2);
+            hi = *reinterpret_cast<const u32*>(qrow + ks * 16 + 8 + tig * 2);
+          }
         }
         qf[QSMEM ? 0 : mt][QSMEM ? 0 : ks][h] = lo;      // a0 / a1: columns tig*2..+1
         qf[QSMEM ? 0 : mt][QSMEM ? 0 : ks][h + 2] = hi;  // a2 / a3: columns 8+tig*2..+1
@@ -263,21 +380,27 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
     for (int i = 0; i < ROWS_PER_THREAD; ++i) {
       const int r = r0 + i * ROW_STEP;
       const int j = tile_start + r;
-      const elem_t* ksrc = k_cache;
-      const elem_t* vsrc = v_cache;
+      const kv_t* ksrc = k_cache;
+      const kv_t* vsrc = v_cache;
       int bytes = 0;
       if (j < kv_end) {
         const int blk = bt[j >> block_shift];
         if (blk >= 0) {
           const i64 off = static_cast<i64>(blk) * kv_stride_b +
-                          static_cast<i64>(j & (block_size - 1)) * kv_stride_t + head_off + c * 8;
+                          static_cast<i64>(j & (block_size - 1)) * kv_stride_t + head_off +
+                          c * (16 / KV_ELEM);
           ksrc += off;
           vsrc += off;
           bytes = 16;
         }
       }
-      cp_async16(ks + swz(r, c), ksrc, bytes);
-      cp_async16(vs + swz(r, c), vsrc, bytes);
+      if constexpr (FP8) {
+        cp_async16(ks + kswz8(r, c), ksrc, bytes);
+        cp_async16(vs + vswz8(r, c), vsrc, bytes);
+      } else {
+        cp_async16(ks + swz(r, c), ksrc, bytes);
+        cp_async16(vs + swz(r, c), vsrc, bytes);
+      }
     }
   };
 
@@ -305,30 +428,47 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int n = 0; n < BN / 8; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+    if constexpr (FP8) {
+      // 16 bytes of K row n*8+gid = the B fragments of k-steps 4j..4j+3 (see the header).
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 qa[MT][4];
+      for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        if constexpr (QSMEM) {
-          const int r = wm * 16 * MT + mt * 16 + (lane & 15);
-          ldsm_x4(qs_u32 + swz(r, kk * 2 + (lane >> 4)), qa[mt][0], qa[mt][1], qa[mt][2],
-                  qa[mt][3]);
-        } else {
+        for (int j = 0; j < D / 64; ++j) {
+          const uint4 w = lds128(ks + kswz8(n * 8 + gid, tig * (D / 64) + j));
+          const u32 ww[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-          for (int e = 0; e < 4; ++e) qa[mt][e] = qf[QSMEM ? 0 : mt][QSMEM ? 0 : kk][e];
+          for (int e = 0; e < 4; ++e) {
+            mma16816(s[0][n], qf[0][j * 4 + e], e4m3x2_to_f16x2(ww[e]),
+                     e4m3x2_to_f16x2(ww[e] >> 16));
+          }
         }
       }
+    } else {
 #pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        u32 b0, b1, b2, b3;
-        const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
-        const int c = kk * 2 + ((lane >> 3) & 1);
-        ldsm_x4(ks + swz(r, c), b0, b1, b2, b3);
+      for (int kk = 0; kk < D / 16; ++kk) {
+        u32 qa[MT][4];
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          mma16816(s[mt][2 * np], qa[mt], b0, b1);
-          mma16816(s[mt][2 * np + 1], qa[mt], b2, b3);
+          if constexpr (QSMEM) {
+            const int r = wm * 16 * MT + mt * 16 + (lane & 15);
+            ldsm_x4(qs_u32 + swz(r, kk * 2 + (lane >> 4)), qa[mt][0], qa[mt][1], qa[mt][2],
+                    qa[mt][3]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) qa[mt][e] = qf[QSMEM ? 0 : mt][QSMEM ? 0 : kk][e];
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < BN / 16; ++np) {
+          u32 b0, b1, b2, b3;
+          const int r = np * 16 + (lane & 7) + ((lane >> 4) << 3);
+          const int c = kk * 2 + ((lane >> 3) & 1);
+          ldsm_x4(ks + swz(r, c), b0, b1, b2, b3);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            mma16816(s[mt][2 * np], qa[mt], b0, b1);
+            mma16816(s[mt][2 * np + 1], qa[mt], b2, b3);
+          }
         }
       }
     }
@@ -355,7 +495,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        const float m_new = fmaxf(m[mt][h], mx * scale_log2);
+        const float m_new = fmaxf(m[mt][h], mx * qk_scale);
         const float m_use = m_new == NEG_INF ? 0.f : m_new;  // fully masked so far: no NaN
         const float alpha = exp2f(m[mt][h] - m_use);
         m[mt][h] = m_new;
@@ -364,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
         for (int n = 0; n < BN / 8; ++n) {
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
-            const float p = exp2f(fmaf(s[mt][n][h * 2 + e], scale_log2, -m_use));
+            const float p = exp2f(fmaf(s[mt][n][h * 2 + e], qk_scale, -m_use));
             s[mt][n][h * 2 + e] = p;
             sum += p;
           }
@@ -384,11 +524,50 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
       u32 pa[MT][4];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        pa[mt][0] = pack2(s[mt][2 * kt][0], s[mt][2 * kt][1]);
-        pa[mt][1] = pack2(s[mt][2 * kt][2], s[mt][2 * kt][3]);
-        pa[mt][2] = pack2(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
-        pa[mt][3] = pack2(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+        pa[mt][0] = pack2_mma(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        pa[mt][1] = pack2_mma(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        pa[mt][2] = pack2_mma(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        pa[mt][3] = pack2_mma(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
       }
+#if KV_FP8
+      {
+        // Rows 2tig, 2tig+1, 8+2tig, 9+2tig of the k-tile, dims gid*D/8 .. +D/8 of each.
+        constexpr int VW = D / 32;
+        u32 vr[4][VW];
+#pragma unroll
+        for (int t4 = 0; t4 < 4; ++t4) {
+          const int r = kt * 16 + (t4 >> 1) * 8 + 2 * tig + (t4 & 1);
+          if constexpr (VW >= 4) {
+#pragma unroll
+            for (int c4 = 0; c4 < VW / 4; ++c4) {
+              const uint4 w = lds128(vs + vswz8(r, gid * (VW / 4) + c4));
+              vr[t4][c4 * 4] = w.x;
+              vr[t4][c4 * 4 + 1] = w.y;
+              vr[t4][c4 * 4 + 2] = w.z;
+              vr[t4][c4 * 4 + 3] = w.w;
+            }
+          } else {
+            const uint2 w = lds64(vs + vswz8(r, gid >> 1) + (gid & 1) * 8);
+            vr[t4][0] = w.x;
+            vr[t4][1] = w.y;
+          }
+        }
+#pragma unroll
+        for (int w = 0; w < VW; ++w) {
+          // Byte i of word w is dim 4w+i of my slice: pair rows (k, k+1) byte-wise.
+          const u32 lo01 = __byte_perm(vr[0][w], vr[1][w], 0x5140);
+          const u32 hi01 = __byte_perm(vr[0][w], vr[1][w], 0x7362);
+          const u32 lo23 = __byte_perm(vr[2][w], vr[3][w], 0x5140);
+          const u32 hi23 = __byte_perm(vr[2][w], vr[3][w], 0x7362);
+          mma16816(o[0][4 * w], pa[0], e4m3x2_to_f16x2(lo01), e4m3x2_to_f16x2(lo23));
+          mma16816(o[0][4 * w + 1], pa[0], e4m3x2_to_f16x2(lo01 >> 16),
+                   e4m3x2_to_f16x2(lo23 >> 16));
+          mma16816(o[0][4 * w + 2], pa[0], e4m3x2_to_f16x2(hi01), e4m3x2_to_f16x2(hi23));
+          mma16816(o[0][4 * w + 3], pa[0], e4m3x2_to_f16x2(hi01 >> 16),
+                   e4m3x2_to_f16x2(hi23 >> 16));
+        }
+      }
+#else
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         u32 b0, b1, b2, b3;
@@ -401,6 +580,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
           mma16816(o[mt][2 * dp + 1], pa[mt], b2, b3);
         }
       }
+#endif
     }
     group_sync(wn);  // the stage is refilled by the next iteration's load
   }
@@ -422,8 +602,13 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
       float* orow = so + (wn * BM + r) * OSTRIDE;
 #pragma unroll
       for (int i = 0; i < D / 8; ++i) {
-        orow[i * 8 + tig * 2] = o[mt][i][h * 2];
-        orow[i * 8 + tig * 2 + 1] = o[mt][i][h * 2 + 1];
+        if constexpr (FP8) {  // accumulator column tig*2+e of n-tile i is dim (tig*2+e)*D/8+i
+          orow[(tig * 2) * (D / 8) + i] = o[mt][i][h * 2];
+          orow[(tig * 2 + 1) * (D / 8) + i] = o[mt][i][h * 2 + 1];
+        } else {
+          orow[i * 8 + tig * 2] = o[mt][i][h * 2];
+          orow[i * 8 + tig * 2 + 1] = o[mt][i][h * 2 + 1];
+        }
       }
       if (tig == 0) {
         sm[wn * BM + r] = m[mt][h];
@@ -453,7 +638,7 @@ extern "C" __global__ void __launch_bounds__(NTHREADS, 1) paged_attention(
       acc[2] += ov.z * wt;
       acc[3] += ov.w * wt;
     }
-    const float inv = L > 0.f ? 1.f / L : 0.f;
+    const float inv = L > 0.f ? out_scale / L : 0.f;
     const int t = q_start + row / G;
     const int head = kvh * G + row % G;
     if (num_splits == 1) {
