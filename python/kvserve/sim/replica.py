@@ -119,6 +119,10 @@ class SimReplica:
                        1.0 / st.compute_flops_per_s, st.step_overhead_s, st.seq_overhead_s)
         self._has_host = config.num_host_blocks > 0
         self._swap_s_per_block = (c.kv_bytes_per_token * config.block_size / SWAP_BYTES_PER_S)
+        # Coasting (see `begin_coast`): off only to compare with the step-by-step run.
+        self.coast_enabled = True
+        self._coast: tuple[np.ndarray, int] | None = None  # (step ends, from ends[0]), rows
+        self.gen = 0  # bumped when a scheduled step end is replaced (the heap skips stale)
 
     def _alloc(self, cap: int) -> None:
         self._mask = np.uint64(cap - 1)
@@ -217,6 +221,73 @@ class SimReplica:
         if self.step_clock is not None:
             dt = self.step_clock(plan)
         return now + dt
+
+    # ---- coasting ---------------------------------------------------------------------------
+    # A steady decode batch whose next K steps allocate no block and stop no request leaves
+    # every load signal as it is: the simulator does not visit it per step. `begin_coast`
+    # computes the K step ends at once (the same arithmetic as `start_step`, so the same
+    # floats), the replica's next event is the last one, and the core runs the K steps in one
+    # `run_steady` call then, or at an arrival routed to it (`sync`), up to that instant.
+
+    @property
+    def coasting(self) -> bool:
+        return self._coast is not None
+
+    def begin_coast(self, now: float, max_steps: int = 1 << 14) -> float | None:
+        """Coast from `now` if the next steps are steady ones; the end of the last, or None
+        (then `start_step` as usual)."""
+        if not (self.coast_enabled and self._steady and self.step_clock is None):
+            return None
+        k = min(self.core.steady_outlook(SYNTHETIC_TOKEN), max_steps)
+        if k < 2:
+            return None
+        ns = self._last_ns
+        wb, erb, kvb, fpt, fpp, inv_bw, inv_rate, c0, c1 = self._fixed
+        ctx = np.arange(1, k + 1, dtype=np.float64) * ns + self._last_ctx
+        mem = (wb + (erb + kvb) * ns + kvb * ctx) * inv_bw
+        cmp = (fpt * ns + fpp * ctx) * inv_rate
+        ends = np.empty(k + 1)
+        ends[0] = now
+        ends[1:] = np.maximum(mem, cmp) + c0 + c1 * ns
+        np.cumsum(ends, out=ends)  # sequential: each end is the last end + its step, as in start_step
+        self._coast = (ends, ns)
+        self.plan, self.busy = None, True
+        return float(ends[k])
+
+    def end_coast(self) -> None:
+        """The coast's last step ended: run all its steps."""
+        coast = self._coast
+        assert coast is not None
+        self._advance(len(coast[0]) - 1)
+
+    def sync(self, now: float) -> float | None:
+        """Stop coasting at `now`: run the steps that ended by then and start the one in
+        flight; its end (the caller schedules it; the coast's own end is stale)."""
+        coast = self._coast
+        assert coast is not None
+        ends = coast[0]
+        k = int(np.searchsorted(ends[1:], now, side="right"))
+        if k:
+            self._advance(k)
+        else:
+            self._coast = None
+        self.gen += 1
+        return self.start_step(float(ends[k]))
+
+    def _advance(self, k: int) -> None:
+        ends, ns = self._coast  # type: ignore[misc]
+        self._coast = None
+        ran = self.core.run_steady(k, SYNTHETIC_TOKEN)
+        if ran != k:
+            raise RuntimeError(f"replica {self.index}: the core ran {ran} of {k} steady steps")
+        stats = self.stats
+        stats.steps += k
+        stats.output_tokens += k * ns
+        stats.itl.add_weighted(np.diff(ends[:k + 1]), ns)
+        slots = self._pending[0]  # type: ignore[index]
+        self._pending = (slots, float(ends[k]))
+        self._last_ctx += k * ns
+        self.plan, self.busy = None, False
 
     def finish_step(self, now: float) -> list[Finished]:
         """Commit the step that ends at `now`; account tokens; the requests it finished."""

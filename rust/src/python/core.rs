@@ -140,6 +140,18 @@ impl PyCore {
         Ok(PyStepOutput::from_output(py, out))
     }
 
+    /// Steps the steady decode batch can run, `token` sampled for every row, before one
+    /// allocates a block or may stop a request (0: the next step is not a steady one).
+    fn steady_outlook(&self, token: i64) -> usize {
+        self.inner.steady_outlook(token)
+    }
+
+    /// Runs up to `max_steps` of those steps (each a schedule + commit of `token` for every
+    /// row) and returns how many ran; no plan is pending afterwards.
+    fn run_steady(&mut self, max_steps: usize, token: i64) -> usize {
+        self.inner.run_steady(max_steps, token)
+    }
+
     /// Ends a live request for a reason found in Python (e.g. a stop string).
     fn finish(&mut self, request_id: &str, reason: &str) -> bool {
         self.inner.finish(request_id, reason)

@@ -8,7 +8,8 @@
 //! through the core lives in a file of its own: `admission` (add_request, swap-in,
 //! admitting waiting requests), `preemption` (growing, picking and preempting victims),
 //! `plan_builder` (the plan from the scheduled rows), `steady` (the decode-batch fast
-//! path), `commit`, `lifecycle` (finish, abort, request_stats) with `finished_log`, and
+//! path; `steady_run` runs many of its steps in one call), `commit`, `lifecycle` (finish,
+//! abort, request_stats) with `finished_log`, and
 //! `invariants` (whole-core checks for tests).
 
 mod admission;
@@ -20,6 +21,7 @@ mod load;
 mod plan_builder;
 mod preemption;
 mod steady;
+mod steady_run;
 
 use std::collections::{BTreeSet, HashMap};
 
