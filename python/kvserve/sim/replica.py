@@ -97,6 +97,7 @@ class SimReplica:
 
         self.index, self.config, self.profile, self.stats = index, config, profile, stats
         self.core = config.make_core(profile)
+        self._num_gpu_blocks = config.num_gpu_blocks
         self._refusals = ((_core.AtCapacityError, "at_capacity"),
                           (_core.RequestTooLargeError, "too_large"),
                           (_core.InvalidRequestError, "invalid"))
@@ -121,8 +122,14 @@ class SimReplica:
         self._swap_s_per_block = (c.kv_bytes_per_token * config.block_size / SWAP_BYTES_PER_S)
         # Coasting (see `begin_coast`): off only to compare with the step-by-step run.
         self.coast_enabled = True
-        self._coast: tuple[np.ndarray, int] | None = None  # (step ends, from ends[0]), rows
+        # (step ends from ends[0] = the coast's start, rows, the step each block is taken at)
+        self._coast: tuple[np.ndarray, int, np.ndarray] | None = None
+        self.clock = [0.0]  # the simulated instant load signals are read at (shared)
         self.gen = 0  # bumped when a scheduled step end is replaced (the heap skips stale)
+        # Whether the next step may start a coast: not after an add since the last schedule
+        # (the core admits it), nor right after a coast that ended at what stops it.
+        self._may_coast = False
+        self._added = False
 
     def _alloc(self, cap: int) -> None:
         self._mask = np.uint64(cap - 1)
@@ -151,7 +158,15 @@ class SimReplica:
 
     @property
     def kv_usage(self) -> float:
-        return self.core.num_used_gpu_blocks / self.core.num_gpu_blocks
+        used = self.core.num_used_gpu_blocks
+        coast = self._coast
+        if coast is not None and len(coast[2]):
+            # The blocks taken by the steps scheduled by now: one past those that ended
+            # (ends[0], the coast's start, is not a step's end).
+            ends, _, grows = coast
+            k = int(ends.searchsorted(self.clock[0], "right"))
+            used += int(grows.searchsorted(k, "right"))
+        return used / self._num_gpu_blocks
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, spec: RequestSpec, now: float) -> bool:
@@ -172,6 +187,7 @@ class SimReplica:
         s = h & (self._cap - 1)
         self.arrival[s], self.last[s], self.owner[s] = now, np.nan, h
         self.live[h] = spec
+        self._added = True
         return True
 
     # ---- steps ------------------------------------------------------------------------------
@@ -191,6 +207,7 @@ class SimReplica:
     def start_step(self, now: float) -> float | None:
         """Schedule the next step; its end time, or None when there is nothing to run."""
         plan = self.core.schedule()
+        self._added = False
         ns = plan.num_seqs
         if ns == 0:
             self.plan, self.busy = None, False
@@ -223,22 +240,24 @@ class SimReplica:
         return now + dt
 
     # ---- coasting ---------------------------------------------------------------------------
-    # A steady decode batch whose next K steps allocate no block and stop no request leaves
-    # every load signal as it is: the simulator does not visit it per step. `begin_coast`
-    # computes the K step ends at once (the same arithmetic as `start_step`, so the same
-    # floats), the replica's next event is the last one, and the core runs the K steps in one
-    # `run_steady` call then, or at an arrival routed to it (`sync`), up to that instant.
+    # A steady decode batch whose next K steps stop no request and find the blocks they take
+    # leaves every load signal as it is but KV use, which the core says when it grows: the
+    # simulator does not visit it per step. `begin_coast` computes the K step ends at once
+    # (the same arithmetic as `start_step`, so the same floats), the replica's next event is
+    # the last one, and the core runs the K steps in one `run_steady` call then, or at an
+    # arrival routed to it (`sync`), up to that instant.
 
     @property
     def coasting(self) -> bool:
         return self._coast is not None
 
-    def begin_coast(self, now: float, max_steps: int = 1 << 14) -> float | None:
+    def begin_coast(self, now: float, max_steps: int = 4096) -> float | None:
         """Coast from `now` if the next steps are steady ones; the end of the last, or None
         (then `start_step` as usual)."""
-        if not (self.coast_enabled and self._steady and self.step_clock is None):
+        if not (self._may_coast and self.coast_enabled and self.step_clock is None):
             return None
-        k = min(self.core.steady_outlook(SYNTHETIC_TOKEN), max_steps)
+        k, grows = self.core.steady_outlook(SYNTHETIC_TOKEN, max_steps)
+        self._may_coast = k == max_steps  # then the next coast starts where this one ends
         if k < 2:
             return None
         ns = self._last_ns
@@ -250,7 +269,7 @@ class SimReplica:
         ends[0] = now
         ends[1:] = np.maximum(mem, cmp) + c0 + c1 * ns
         np.cumsum(ends, out=ends)  # sequential: each end is the last end + its step, as in start_step
-        self._coast = (ends, ns)
+        self._coast = (ends, ns, grows)
         self.plan, self.busy = None, True
         return float(ends[k])
 
@@ -275,7 +294,7 @@ class SimReplica:
         return self.start_step(float(ends[k]))
 
     def _advance(self, k: int) -> None:
-        ends, ns = self._coast  # type: ignore[misc]
+        ends, ns, _ = self._coast  # type: ignore[misc]
         self._coast = None
         ran = self.core.run_steady(k, SYNTHETIC_TOKEN)
         if ran != k:
@@ -317,6 +336,7 @@ class SimReplica:
             self._pending = (slots, now)
         stats.output_tokens += n
         self._steady = plan.num_decodes == n == plan.num_seqs and n > 0
+        self._may_coast = self._steady and not self._added
         if not len(fin):
             return []
         self._flush_pending()

@@ -74,8 +74,9 @@ class Simulator:
         self.profile, self.config, self.policy = profile, config, policy
         self.stats = FleetStats()
         self.replicas = [SimReplica(i, config, profile, self.stats) for i in range(num_replicas)]
+        self.clock = [0.0]  # now, for the load signals of coasting replicas
         for r in self.replicas:
-            r.coast_enabled = coast
+            r.coast_enabled, r.clock = coast, self.clock
         # A policy that reads only the load signals (which a coasting replica keeps as they
         # are) routes without bringing coasting replicas up to date; any other gets a fleet
         # whose cores are all at the arrival's instant.
@@ -84,6 +85,7 @@ class Simulator:
         self.series = TimeSeries(SERIES, sample_interval_s)
 
     def _sample(self, now: float) -> None:
+        self.clock[0] = now
         usage = [r.kv_usage for r in self.replicas]
         self.series.record(now, {
             "kv_usage_mean": sum(usage) / len(usage), "kv_usage_max": max(usage),
@@ -113,15 +115,16 @@ class Simulator:
         next_arrival()
         now, interrupted = 0.0, False
         next_progress = progress_every_s
-        series = self.series
+        series, clock = self.series, self.clock
         try:
             while heap:
                 event = pop(heap)
                 now, kind, payload = event[0], event[1], event[2]
-                # Samples are taken at their own instants; nothing changed since the last
-                # event (a coasting replica's load signals stay as they are).
-                while series.next_s <= now:
+                # Samples are taken at their own instants, after the events at that instant
+                # (between events only coasting replicas' KV use moves, and they say how).
+                while series.next_s < now:
                     self._sample(series.next_s)
+                clock[0] = now
                 if kind == _STEP:
                     r = replicas[payload]
                     if event[3] != r.gen:

@@ -140,10 +140,19 @@ impl PyCore {
         Ok(PyStepOutput::from_output(py, out))
     }
 
-    /// Steps the steady decode batch can run, `token` sampled for every row, before one
-    /// allocates a block or may stop a request (0: the next step is not a steady one).
-    fn steady_outlook(&self, token: i64) -> usize {
-        self.inner.steady_outlook(token)
+    /// (steps, grows_at): how many steps (at most `max_steps`) the steady decode batch can
+    /// run, `token` sampled for every row, before one may stop a request or lacks a block
+    /// (0: the next step is not a steady one); the step (1-based) each block they take is
+    /// taken at, in order.
+    fn steady_outlook<'py>(
+        &self,
+        py: Python<'py>,
+        token: i64,
+        max_steps: usize,
+    ) -> (usize, Bound<'py, PyArray1<i64>>) {
+        let o = self.inner.steady_outlook(token, max_steps);
+        let grows: Vec<i64> = o.grows_at.iter().map(|&j| j as i64).collect();
+        (o.steps, PyArray1::from_vec(py, grows))
     }
 
     /// Runs up to `max_steps` of those steps (each a schedule + commit of `token` for every

@@ -39,6 +39,7 @@ use finished_log::FinishedLog;
 pub use lifecycle::RequestStats;
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
+pub use steady_run::SteadyOutlook;
 
 /// A waiting or swapped request's place in its queue; lower sorts first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
