@@ -36,7 +36,7 @@ use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
-pub use lifecycle::RequestStats;
+pub use lifecycle::{RequestStats, Retained};
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
 pub use steady_run::SteadyOutlook;
@@ -114,10 +114,8 @@ impl Scheduler {
         Ok(Scheduler {
             gpu: BlockPool::new("gpu", cfg.num_gpu_blocks),
             host: BlockPool::new("host", cfg.num_host_blocks),
-            prefix: PrefixCache::new(
-                cfg.num_gpu_blocks,
-                cfg.num_gpu_blocks.saturating_mul(4).min(1 << 20),
-            ),
+            prefix: PrefixCache::new(cfg.num_gpu_blocks, cfg.evicted_capacity()),
+            finished: FinishedLog::new(cfg.finished_memory),
             cfg,
             slots: Vec::new(),
             free_slots: Vec::new(),
@@ -130,7 +128,6 @@ impl Scheduler {
             next_plan_id: 0,
             pending: None,
             counters: Counters::default(),
-            finished: FinishedLog::default(),
             evicted_scratch: Vec::new(),
             batch: BatchTable::default(),
             recent: RecentTokens::default(),
