@@ -75,7 +75,8 @@ def main() -> None:
     print(json.dumps({k: s[k] for k in ("completed", "simulated_s", "steps", "ttft_ms",
                                         "itl_ms", "running_mean")}, indent=1))
     print(f"{args.replicas} replicas, {args.rate:g} req/s, {s['simulated_s']:.0f} simulated s "
-          f"in {wall:.1f} s wall ({cpu:.1f} CPU s): {s['simulated_s'] / wall:.1f} simulated s per wall s, "
+          f"in {wall:.1f} s wall ({cpu:.1f} CPU s): {s['simulated_s'] / wall:.1f} simulated s "
+          f"per wall s, "
           f"{wall / max(s['steps'], 1) * 1e6:.1f} us per replica step, peak RSS {rss_mib:.0f} MiB")
     core_us = core_step_us(3)
     print(f"core schedule()+commit() alone, 3 running decodes, same process: {core_us:.1f} us")

@@ -14,7 +14,7 @@ from kvserve.sim.replica import ReplicaConfig
 from kvserve.sim.routing import LeastLoad, RoundRobin
 from kvserve.sim.simulator import SimResult, Simulator
 from kvserve.sim.sources import WorkloadSource
-from tests.test_sim_units import gpu_like_profile
+from test_sim_units import gpu_like_profile
 
 
 class Recorder:

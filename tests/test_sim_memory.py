@@ -22,7 +22,7 @@ from kvserve.sim.replica import ReplicaConfig
 from kvserve.sim.routing import LeastLoad
 from kvserve.sim.simulator import Simulator
 from kvserve.sim.sources import WorkloadSource
-from tests.test_sim_units import gpu_like_profile
+from test_sim_units import gpu_like_profile
 
 
 def drive(core: _core.Core, rng: np.random.Generator, start: int, n: int) -> int:

@@ -36,11 +36,12 @@ class ReplicaConfig:
     @classmethod
     def from_engine_args(cls, args: Any, profile: Profile) -> ReplicaConfig:
         block_bytes = int(profile.cost.kv_bytes_per_token) * args.block_size
+        budget = args.resolve_token_budget(profile, profile.max_model_len)
         return cls(
             num_gpu_blocks=profile.num_gpu_blocks(args.block_size, args.gpu_memory_utilization,
                                                   args.kv_cache_bytes),
             num_host_blocks=args.swap_bytes // block_bytes, block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=min(args.max_model_len or profile.max_model_len,
                               profile.max_model_len),
             max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching,
@@ -268,7 +269,7 @@ class SimReplica:
         ends = np.empty(k + 1)
         ends[0] = now
         ends[1:] = np.maximum(mem, cmp) + c0 + c1 * ns
-        np.cumsum(ends, out=ends)  # sequential: each end is the last end + its step, as in start_step
+        np.cumsum(ends, out=ends)  # sequential: each end is the last one + its step, as above
         self._coast = (ends, ns, grows)
         self.plan, self.busy = None, True
         return float(ends[k])
