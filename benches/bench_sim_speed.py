@@ -39,7 +39,9 @@ def main() -> None:
     ap.add_argument("--workload", default="synthetic")
     ap.add_argument("--router", default="least-load")
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--cprofile", action="store_true", help="print the 15 costliest functions")
+    ap.add_argument("--cprofile", action="store_true", help="print the 40 costliest functions")
+    ap.add_argument("--step-by-step", action="store_true",
+                    help="visit every replica step (no coasting), for comparison")
     args = ap.parse_args()
 
     from kvserve.bench.workloads import Workload
@@ -54,7 +56,7 @@ def main() -> None:
     config = ReplicaConfig.from_engine_args(
         EngineArgs(max_model_len=args.max_model_len), profile)
     sim = Simulator(profile, config, args.replicas, make_policy(args.router),
-                    max(args.duration / 500, 0.05))
+                    max(args.duration / 500, 0.05), coast=not args.step_by_step)
     w = Workload(args.workload, profile.model_shape["vocab_size"], config.max_model_len, seed=0)
     source = WorkloadSource(w, args.rate, None, args.duration, 0)
     t0, cpu0 = time.perf_counter(), time.process_time()
