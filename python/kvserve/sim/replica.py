@@ -286,7 +286,7 @@ class SimReplica:
         coast = self._coast
         assert coast is not None
         ends = coast[0]
-        k = int(np.searchsorted(ends[1:], now, side="right"))
+        k = int(ends.searchsorted(now, "right")) - 1  # ends[0] <= now: not a step's end
         if k:
             self._advance(k)
         else:
@@ -303,7 +303,7 @@ class SimReplica:
         stats = self.stats
         stats.steps += k
         stats.output_tokens += k * ns
-        stats.itl.add_weighted(np.diff(ends[:k + 1]), ns)
+        stats.itl.add_weighted(ends[1:k + 1] - ends[:k], ns)
         slots = self._pending[0]  # type: ignore[index]
         self._pending = (slots, float(ends[k]))
         self._last_ctx += k * ns
