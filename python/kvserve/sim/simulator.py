@@ -119,7 +119,10 @@ class Simulator:
         try:
             while heap:
                 event = pop(heap)
-                now, kind, payload = event[0], event[1], event[2]
+                kind, payload = event[1], event[2]
+                if kind == _STEP and event[3] != replicas[payload].gen:
+                    continue  # a coast cut short: not an event (nor the end of the run)
+                now = event[0]
                 # Samples are taken at their own instants, after the events at that instant
                 # (between events only coasting replicas' KV use moves, and they say how).
                 while series.next_s < now:
@@ -127,8 +130,6 @@ class Simulator:
                 clock[0] = now
                 if kind == _STEP:
                     r = replicas[payload]
-                    if event[3] != r.gen:
-                        continue
                     if r.coasting:
                         r.end_coast()
                     else:
