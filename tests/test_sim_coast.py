@@ -130,19 +130,50 @@ def test_coast_step_ends_equal_start_step_floats() -> None:
 
 
 def test_coasting_replica_reports_the_step_by_step_load() -> None:
+    """A coasting replica's KV use at any instant is the stepping replica's then (blocks
+    taken by the steps scheduled by that instant)."""
+    import bisect
+
     profile = gpu_like_profile()
-    config = replace(ReplicaConfig(num_gpu_blocks=400, num_host_blocks=0), max_model_len=2048)
-    sim = Simulator(profile, config, 1, RoundRobin(), 1.0)
-    r = sim.replicas[0]
-    for i in range(3):
-        r.add(RequestSpec(f"r{i}", list(range(64 + 5 * i)), 200), 0.0)
-    t = r.start_step(0.0)
-    assert t is not None
-    r.finish_step(t)
-    t = r.start_step(t)
-    assert t is not None
-    r.finish_step(t)
-    load = (r.num_running, r.num_waiting, r.kv_usage)
-    end = r.begin_coast(t)
-    assert end is not None and r.coasting
-    assert (r.num_running, r.num_waiting) == load[:2]
+    config = ReplicaConfig(num_gpu_blocks=300, num_host_blocks=0, block_size=4,
+                           max_model_len=2048)
+    reps = []
+    for coast in (True, False):
+        sim = Simulator(profile, config, 1, RoundRobin(), 1.0, coast=coast)
+        r = sim.replicas[0]
+        for i in range(4):
+            r.add(RequestSpec(f"r{i}", list(range(30 + 9 * i)), 150 + 40 * i), 0.0)
+        reps.append(r)
+    fast, slow = reps
+    times, usage = [], []
+    t = slow.start_step(0.0)
+    times.append(0.0)
+    usage.append(slow.kv_usage)
+    while t is not None:
+        slow.finish_step(t)
+        nxt = slow.start_step(t)
+        times.append(t)
+        usage.append(slow.kv_usage)
+        t = nxt
+    checked = 0
+    t = fast.start_step(0.0)
+    while t is not None:
+        fast.finish_step(t)
+        end = fast.begin_coast(t)
+        if end is not None:
+            ends = fast._coast[0] if fast._coast else np.empty(0)
+            # Up to the coast's last end, exclusive: at that instant the coast's own event
+            # comes first (steps before arrivals, samples after both).
+            for x in np.concatenate([ends[:-1], (ends[1:] + ends[:-1]) / 2]).tolist():
+                fast.clock[0] = x
+                want = usage[bisect.bisect_right(times, x) - 1]
+                assert fast.kv_usage == want, x
+                checked += 1
+            fast.end_coast()
+            t = end
+            end = fast.begin_coast(t)
+            if end is not None:  # a coast capped by max_steps goes on
+                continue
+        t = fast.start_step(t)
+    assert checked > 100
+    assert fast.core.metrics() == slow.core.metrics()
