@@ -214,3 +214,10 @@ proptest! {
         run(seed, ops);
     }
 }
+
+/// Found by the proptest: a request swapped back in on a decode-only plan, which then ended
+/// before its next block filled, left its swapped-in blocks uncached on the steady path.
+#[test]
+fn swapped_in_blocks_are_cached_as_on_the_full_path() {
+    run(5227929542178917828, 75);
+}
