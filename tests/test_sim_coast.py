@@ -3,7 +3,6 @@ step-by-step simulator: the same scheduler decisions and the same results, bit f
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
