@@ -39,7 +39,9 @@ def main() -> None:
     ap.add_argument("--workload", default="synthetic")
     ap.add_argument("--router", default="least-load")
     ap.add_argument("--max-model-len", type=int, default=8192)
-    ap.add_argument("--cprofile", action="store_true", help="print the 15 costliest functions")
+    ap.add_argument("--cprofile", action="store_true", help="print the 40 costliest functions")
+    ap.add_argument("--step-by-step", action="store_true",
+                    help="visit every replica step (no coasting), for comparison")
     args = ap.parse_args()
 
     from kvserve.bench.workloads import Workload
@@ -54,20 +56,20 @@ def main() -> None:
     config = ReplicaConfig.from_engine_args(
         EngineArgs(max_model_len=args.max_model_len), profile)
     sim = Simulator(profile, config, args.replicas, make_policy(args.router),
-                    max(args.duration / 500, 0.05))
+                    max(args.duration / 500, 0.05), coast=not args.step_by_step)
     w = Workload(args.workload, profile.model_shape["vocab_size"], config.max_model_len, seed=0)
     source = WorkloadSource(w, args.rate, None, args.duration, 0)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     if args.cprofile:
         import cProfile
         import pstats
 
         prof = cProfile.Profile()
         result = prof.runcall(sim.run, source)
-        pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        pstats.Stats(prof).sort_stats("tottime").print_stats(40)
     else:
         result = sim.run(source)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     import resource
 
     rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -75,7 +77,8 @@ def main() -> None:
     print(json.dumps({k: s[k] for k in ("completed", "simulated_s", "steps", "ttft_ms",
                                         "itl_ms", "running_mean")}, indent=1))
     print(f"{args.replicas} replicas, {args.rate:g} req/s, {s['simulated_s']:.0f} simulated s "
-          f"in {wall:.1f} s wall: {s['simulated_s'] / wall:.1f} simulated s per wall s, "
+          f"in {wall:.1f} s wall ({cpu:.1f} CPU s): {s['simulated_s'] / wall:.1f} simulated s "
+          f"per wall s, "
           f"{wall / max(s['steps'], 1) * 1e6:.1f} us per replica step, peak RSS {rss_mib:.0f} MiB")
     core_us = core_step_us(3)
     print(f"core schedule()+commit() alone, 3 running decodes, same process: {core_us:.1f} us")

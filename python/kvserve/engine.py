@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # xgrammar loads at the first structured request
     from xgrammar import GrammarMatcher
 
     from kvserve.grammar import GrammarCompiler
+    from kvserve.model.config import ModelConfig
 
 log = logging.getLogger(__name__)
 StepListener = Callable[[StepStats], None]
@@ -63,6 +64,7 @@ class LLMEngine:
             backend = get_backend(args.attention_backend, self.device)
             kv_dtype = check_kv_cache_dtype(backend, args.kv_cache_dtype, self.dtype,
                                             cfg.head_dim)
+            self._resolve_token_budget(cfg, kv_dtype)
             self.runner = ModelRunner(ckpt, backend, self.device, self.dtype, args.block_size,
                                       self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,
@@ -94,6 +96,20 @@ class LLMEngine:
         self._listeners: list[StepListener] = []
         self._grammars: GrammarCompiler | None = None  # built at the first structured request
         self._grammars_lock = threading.Lock()
+
+    def _resolve_token_budget(self, cfg: ModelConfig, kv_dtype: torch.dtype) -> None:
+        """--max-num-batched-tokens auto without a profile: the datasheet roofline of this
+        device for this model (see EngineArgs.resolve_token_budget)."""
+        if self.args.max_num_batched_tokens != "auto":
+            return
+        from kvserve.sim.budget import datasheet_profile
+
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        kv_elem = torch.empty((), dtype=kv_dtype).element_size()
+        kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * kv_elem
+        prof = datasheet_profile(cfg, name, elem, kv_bytes, self.max_model_len)
+        self.args.resolve_token_budget(prof, self.max_model_len, name)
 
     # ---- the step loop --------------------------------------------------------------------
 

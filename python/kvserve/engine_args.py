@@ -6,8 +6,12 @@ import argparse
 import logging
 import re
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 from kvserve.attention.kv_quant import KV_CACHE_DTYPES
+
+if TYPE_CHECKING:
+    from kvserve.sim.profile import Profile
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6,
           "mib": 2**20, "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12,
@@ -15,6 +19,7 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("auto", "recompute", "swap")
 EXECUTORS = ("model", "sim")
+DEFAULT_TOKEN_BUDGET = 2048  # "auto" with neither a profile nor known device peaks
 log = logging.getLogger(__name__)
 
 
@@ -42,7 +47,9 @@ class EngineArgs:
     device: str | None = None  # None: cuda when available, else cpu
     block_size: int = 16
     max_num_seqs: int = 256
-    max_num_batched_tokens: int | str = 2048  # "auto": from --profile and --itl-target
+    # "auto": the roofline's (from --profile, else the device's datasheet peaks and the
+    # model's dimensions, resolved by the engine) under --itl-target
+    max_num_batched_tokens: int | str = "auto"
     max_model_len: int | None = None  # None: the model's own limit
     max_waiting: int = 4096
     kv_cache_memory: str | int = "512MiB"  # CPU only: KV pool size
@@ -69,10 +76,14 @@ class EngineArgs:
                              f"{', '.join(PREEMPTION_MODES)}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"executor: {self.executor!r} is not one of {', '.join(EXECUTORS)}")
-        if self.max_num_batched_tokens == "auto":
-            self.max_num_batched_tokens = self._auto_token_budget()
+        if self.max_num_batched_tokens == "auto" and self.profile is not None:
+            from kvserve.sim.profile import Profile
+
+            self.resolve_token_budget(Profile.load(self.profile))
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_waiting"):
             value = getattr(self, name)
+            if name == "max_num_batched_tokens" and value == "auto":
+                continue  # resolved once the model and device are known
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
@@ -83,20 +94,30 @@ class EngineArgs:
         self.kv_cache_bytes = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self.swap_bytes = parse_size(self.swap_space, "swap_space")
 
-    def _auto_token_budget(self) -> int:
-        if self.profile is None:
-            raise ValueError("max_num_batched_tokens: 'auto' needs a profile (--profile, "
-                             "from `kvserve calibrate`)")
-        from kvserve.sim.budget import auto_token_budget
-        from kvserve.sim.profile import Profile
+    def resolve_token_budget(self, profile: Profile | None, max_model_len: int | None = None,
+                             device_name: str = "") -> int:
+        """The token budget as a number: as given, or for "auto" the largest whose modelled
+        mixed step stays under --itl-target, modelled by `profile` (a calibration, or the
+        datasheet roofline from `budget.datasheet_profile`). Without either, the default.
+        Logs the choice and why; the result replaces "auto"."""
+        if self.max_num_batched_tokens != "auto":
+            return int(self.max_num_batched_tokens)
+        if profile is None:
+            budget = DEFAULT_TOKEN_BUDGET
+            log.info("max_num_batched_tokens auto = %d: no profile (--profile) and no datasheet "
+                     "peaks for %s, so no ridge point to size it by; the default", budget,
+                     device_name or "this device")
+        else:
+            from kvserve.sim.budget import auto_token_budget
 
-        prof = Profile.load(self.profile)
-        context = min(1024, self.max_model_len or prof.max_model_len)
-        choice = auto_token_budget(prof, self.itl_target, self.max_num_seqs, context,
-                                   self.block_size)
-        log.info("max_num_batched_tokens auto = %d: %s", choice.max_num_batched_tokens,
-                 choice.reason)
-        return choice.max_num_batched_tokens
+            context = min(1024, max_model_len or self.max_model_len or profile.max_model_len)
+            choice = auto_token_budget(profile, self.itl_target, self.max_num_seqs, context,
+                                       self.block_size)
+            budget = choice.max_num_batched_tokens
+            source = profile.calibrated.get("source", "the calibrated profile")
+            log.info("max_num_batched_tokens auto = %d (%s): %s", budget, source, choice.reason)
+        self.max_num_batched_tokens = budget
+        return budget
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -123,7 +144,9 @@ class EngineArgs:
         ):
             add(f"--{name}", type=kind, default=d[name.replace("-", "_")].default, help=text)
         add("--max-num-batched-tokens", type=_budget, default=d["max_num_batched_tokens"].default,
-            help="most new tokens in one step, or 'auto' (needs --profile; see --itl-target)")
+            help="most new tokens in one step, or 'auto' (default): the most whose modelled "
+                 "mixed step stays under --itl-target, modelled by --profile or else by the "
+                 "device's datasheet roofline and the model's dimensions")
         add("--profile", default=None, help="`kvserve calibrate` profile JSON")
         add("--executor", default="model", choices=EXECUTORS,
             help="sim: the real engine and core with modelled step times and synthetic "

@@ -42,6 +42,11 @@ pub struct Config {
     pub flops_per_token: f64,
     pub swap_bytes_per_s: f64,
     pub prefill_flops_per_s: f64,
+    /// How many ended requests `request_stats` still answers for.
+    pub finished_memory: usize,
+    /// How many evicted block digests are remembered (to count recomputed tokens); None:
+    /// four per GPU block, at most 2**20.
+    pub evicted_memory: Option<usize>,
 }
 
 impl Default for Config {
@@ -61,6 +66,8 @@ impl Default for Config {
             flops_per_token: 0.0,
             swap_bytes_per_s: 25e9,
             prefill_flops_per_s: 1e14,
+            finished_memory: 4096,
+            evicted_memory: None,
         }
     }
 }
@@ -125,6 +132,12 @@ impl Config {
     pub fn blocks_for(&self, num_tokens: usize) -> usize {
         // block_size is a power of two: shifts keep divisions off the per-sequence path.
         (num_tokens + self.block_size - 1) >> self.block_shift()
+    }
+
+    /// The evicted-digest record's bound (see `evicted_memory`).
+    pub fn evicted_capacity(&self) -> usize {
+        self.evicted_memory
+            .unwrap_or_else(|| self.num_gpu_blocks.saturating_mul(4).min(1 << 20))
     }
 
     pub fn block_shift(&self) -> u32 {

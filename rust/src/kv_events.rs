@@ -50,6 +50,15 @@ impl KvEventLog {
         self.capacity
     }
 
+    /// Events held (not yet drained).
+    pub fn len(&self) -> usize {
+        self.kinds.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kinds.is_empty()
+    }
+
     pub fn is_on(&self) -> bool {
         self.capacity > 0
     }

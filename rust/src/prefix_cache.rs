@@ -163,6 +163,15 @@ impl PrefixCache {
         }
     }
 
+    /// (remembered evicted digests, their FIFO's entries, undrained KV events).
+    pub fn record_lens(&self) -> (usize, usize, usize) {
+        (
+            self.evicted.len(),
+            self.evicted_fifo.len(),
+            self.events.len(),
+        )
+    }
+
     pub fn was_evicted(&self, hash: u128) -> bool {
         self.evicted.contains_key(&hash)
     }

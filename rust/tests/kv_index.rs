@@ -98,6 +98,7 @@ proptest! {
             flops_per_token: 0.0,
             swap_bytes_per_s: 25e9,
             prefill_flops_per_s: 1e14,
+            ..Config::default()
         };
         let mut s = Scheduler::new(cfg).unwrap();
         // A tiny log overflows often: the resync path is exercised as well as the normal one.

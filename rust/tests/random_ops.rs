@@ -37,6 +37,7 @@ fn random_config(rng: &mut Rng) -> Config {
         flops_per_token: [0.0, 1e6, 1e9][rng.below(3) as usize],
         swap_bytes_per_s: 25e9,
         prefill_flops_per_s: 1e14,
+        ..Config::default()
     }
 }
 

@@ -34,6 +34,7 @@ fn random_config(rng: &mut Rng) -> Config {
         flops_per_token: [0.0, 1e6, 1e9][rng.below(3) as usize],
         swap_bytes_per_s: 25e9,
         prefill_flops_per_s: 1e14,
+        ..Config::default()
     }
 }
 
@@ -212,4 +213,11 @@ proptest! {
     fn proptest_steady_path_matches(seed in 1_000u64..u64::MAX / 2, ops in 1usize..200) {
         run(seed, ops);
     }
+}
+
+/// Found by the proptest: a request swapped back in on a decode-only plan, which then ended
+/// before its next block filled, left its swapped-in blocks uncached on the steady path.
+#[test]
+fn swapped_in_blocks_are_cached_as_on_the_full_path() {
+    run(5227929542178917828, 75);
 }

@@ -7,7 +7,6 @@ one process (tests) and nothing unrelated leaks into the scrape.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from kvserve.device_peaks import ridge_point as ridge_point  # re-exported for the server
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +49,6 @@ _LATENCY_BUCKETS = (
     120.0,
 )
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(15))  # 1 .. 16384 tokens per step
-
-# Dense bf16 tensor FLOP/s and HBM bytes/s from the vendors' datasheets; the ridge point is
-# their ratio: a step whose FLOP per byte is below it is memory-bound.
-_DEVICE_PEAKS = (
-    ("H200", 989e12, 4.8e12),
-    ("H100 PCIe", 756e12, 2.0e12),
-    ("H100", 989e12, 3.35e12),
-    ("A100", 312e12, 2.039e12),
-    ("L40S", 362e12, 0.864e12),
-)
-
-
-def ridge_point(device_name: str | None) -> float:
-    """FLOP per byte at which the device turns compute-bound; NaN when not known."""
-    for key, flops, bandwidth in _DEVICE_PEAKS:
-        if device_name and key in device_name:
-            return flops / bandwidth
-    return math.nan
-
 
 class _LoadCollector(Collector):
     """Reads engine.load() when scraped, so gauges are never staler than the scrape."""

@@ -4,8 +4,15 @@ mixed step (the chunk plus a running decode batch) stays under an inter-token ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from kvserve.sim.profile import Profile
+from kvserve.device_peaks import device_peaks
+from kvserve.sim.fit import StepTimeModel
+from kvserve.sim.profile import SHAPE_FIELDS, MemoryModel, Profile
+from kvserve.step_cost import ModelCost
+
+if TYPE_CHECKING:
+    from kvserve.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,29 @@ def mixed_step_seconds(profile: Profile, chunk: int, decodes: int, context: int)
     ctx = decodes * context + chunk
     pairs = decodes * context + chunk * (chunk + 1) / 2
     return profile.step_seconds(tokens, decodes + (1 if chunk else 0), ctx, pairs)
+
+
+def datasheet_profile(model: ModelConfig, device_name: str, dtype_bytes: int,
+                      kv_bytes_per_token: int, max_model_len: int) -> Profile | None:
+    """A step-time model without a calibration: the model's bytes and FLOPs from its
+    dimensions over the device's datasheet peaks (a pure roofline, no overheads); None for
+    a device not in the table."""
+    peaks = device_peaks(device_name)
+    if peaks is None:
+        return None
+    flops, bandwidth = peaks
+    # Every weight but the input embedding table (tied: the table is the output head too).
+    table = 0 if model.tie_word_embeddings else model.vocab_size * model.hidden_size
+    cost = ModelCost(
+        weight_bytes=float((model.num_params - table) * dtype_bytes),
+        embed_row_bytes=float(model.hidden_size * dtype_bytes),
+        kv_bytes_per_token=float(kv_bytes_per_token),
+        flops_per_token=model.flops_per_token,
+        attn_flops_per_pair=4.0 * model.num_layers * model.num_heads * model.head_dim)
+    shape = {k: int(getattr(model, k)) for k in SHAPE_FIELDS}
+    return Profile("cuda", device_name, model.name, shape, f"{dtype_bytes} bytes",
+                   max_model_len, cost, StepTimeModel(bandwidth, flops, 0.0, 0.0),
+                   MemoryModel(0, 0), {}, {"source": "datasheet peaks, not calibrated"})
 
 
 def auto_token_budget(profile: Profile, itl_target_s: float, max_num_seqs: int,

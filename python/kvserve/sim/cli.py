@@ -61,7 +61,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
 
     engine = LLMEngine(EngineArgs.from_cli_args(args))
     grid = Grid.for_device(engine.device.type, engine.max_model_len, args.max_num_seqs,
-                           args.max_num_batched_tokens)
+                           int(engine.args.max_num_batched_tokens))
     overrides: dict[str, Any] = {"decode_steps": args.decode_steps, "repeats": args.repeats}
     for flag in ("decode_batches", "contexts", "prefill_lens", "cached_prefixes",
                  "mixed_chunks"):

@@ -56,9 +56,9 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise SystemExit("--rate: must be > 0")
     seqs = _ints(args.max_num_seqs_options, "--max-num-seqs-options") \
         if args.max_num_seqs_options else (args.max_num_seqs,)
-    budgets = _ints(args.token_budget_options, "--token-budget-options") \
-        if args.token_budget_options else (args.max_num_batched_tokens,)
     sim, _ = build(args, args.rate, 1)
+    budgets = _ints(args.token_budget_options, "--token-budget-options") \
+        if args.token_budget_options else (sim.config.max_num_batched_tokens,)
     try:
         check_memory(args.max_replicas, sim.config.num_gpu_blocks, max(seqs),
                      sim.config.max_model_len, sim.config.block_size)

@@ -36,11 +36,12 @@ class ReplicaConfig:
     @classmethod
     def from_engine_args(cls, args: Any, profile: Profile) -> ReplicaConfig:
         block_bytes = int(profile.cost.kv_bytes_per_token) * args.block_size
+        budget = args.resolve_token_budget(profile, profile.max_model_len)
         return cls(
             num_gpu_blocks=profile.num_gpu_blocks(args.block_size, args.gpu_memory_utilization,
                                                   args.kv_cache_bytes),
             num_host_blocks=args.swap_bytes // block_bytes, block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=min(args.max_model_len or profile.max_model_len,
                               profile.max_model_len),
             max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching,
@@ -97,6 +98,7 @@ class SimReplica:
 
         self.index, self.config, self.profile, self.stats = index, config, profile, stats
         self.core = config.make_core(profile)
+        self._num_gpu_blocks = config.num_gpu_blocks
         self._refusals = ((_core.AtCapacityError, "at_capacity"),
                           (_core.RequestTooLargeError, "too_large"),
                           (_core.InvalidRequestError, "invalid"))
@@ -119,6 +121,16 @@ class SimReplica:
                        1.0 / st.compute_flops_per_s, st.step_overhead_s, st.seq_overhead_s)
         self._has_host = config.num_host_blocks > 0
         self._swap_s_per_block = (c.kv_bytes_per_token * config.block_size / SWAP_BYTES_PER_S)
+        # Coasting (see `begin_coast`): off only to compare with the step-by-step run.
+        self.coast_enabled = True
+        # (step ends from ends[0] = the coast's start, rows, the step each block is taken at)
+        self._coast: tuple[np.ndarray, int, np.ndarray] | None = None
+        self.clock = [0.0]  # the simulated instant load signals are read at (shared)
+        self.gen = 0  # bumped when a scheduled step end is replaced (the heap skips stale)
+        # Whether the next step may start a coast: not after an add since the last schedule
+        # (the core admits it), nor right after a coast that ended at what stops it.
+        self._may_coast = False
+        self._added = False
 
     def _alloc(self, cap: int) -> None:
         self._mask = np.uint64(cap - 1)
@@ -147,7 +159,15 @@ class SimReplica:
 
     @property
     def kv_usage(self) -> float:
-        return self.core.num_used_gpu_blocks / self.core.num_gpu_blocks
+        used = self.core.num_used_gpu_blocks
+        coast = self._coast
+        if coast is not None and len(coast[2]):
+            # The blocks taken by the steps scheduled by now: one past those that ended
+            # (ends[0], the coast's start, is not a step's end).
+            ends, _, grows = coast
+            k = int(ends.searchsorted(self.clock[0], "right"))
+            used += int(grows.searchsorted(k, "right"))
+        return used / self._num_gpu_blocks
 
     # ---- requests ---------------------------------------------------------------------------
     def add(self, spec: RequestSpec, now: float) -> bool:
@@ -168,6 +188,7 @@ class SimReplica:
         s = h & (self._cap - 1)
         self.arrival[s], self.last[s], self.owner[s] = now, np.nan, h
         self.live[h] = spec
+        self._added = True
         return True
 
     # ---- steps ------------------------------------------------------------------------------
@@ -187,6 +208,7 @@ class SimReplica:
     def start_step(self, now: float) -> float | None:
         """Schedule the next step; its end time, or None when there is nothing to run."""
         plan = self.core.schedule()
+        self._added = False
         ns = plan.num_seqs
         if ns == 0:
             self.plan, self.busy = None, False
@@ -218,6 +240,75 @@ class SimReplica:
             dt = self.step_clock(plan)
         return now + dt
 
+    # ---- coasting ---------------------------------------------------------------------------
+    # A steady decode batch whose next K steps stop no request and find the blocks they take
+    # leaves every load signal as it is but KV use, which the core says when it grows: the
+    # simulator does not visit it per step. `begin_coast` computes the K step ends at once
+    # (the same arithmetic as `start_step`, so the same floats), the replica's next event is
+    # the last one, and the core runs the K steps in one `run_steady` call then, or at an
+    # arrival routed to it (`sync`), up to that instant.
+
+    @property
+    def coasting(self) -> bool:
+        return self._coast is not None
+
+    def begin_coast(self, now: float, max_steps: int = 4096) -> float | None:
+        """Coast from `now` if the next steps are steady ones; the end of the last, or None
+        (then `start_step` as usual)."""
+        if not (self._may_coast and self.coast_enabled and self.step_clock is None):
+            return None
+        k, grows = self.core.steady_outlook(SYNTHETIC_TOKEN, max_steps)
+        self._may_coast = k == max_steps  # then the next coast starts where this one ends
+        if k < 2:
+            return None
+        ns = self._last_ns
+        wb, erb, kvb, fpt, fpp, inv_bw, inv_rate, c0, c1 = self._fixed
+        ctx = np.arange(1, k + 1, dtype=np.float64) * ns + self._last_ctx
+        mem = (wb + (erb + kvb) * ns + kvb * ctx) * inv_bw
+        cmp = (fpt * ns + fpp * ctx) * inv_rate
+        ends = np.empty(k + 1)
+        ends[0] = now
+        ends[1:] = np.maximum(mem, cmp) + c0 + c1 * ns
+        np.cumsum(ends, out=ends)  # sequential: each end is the last one + its step, as above
+        self._coast = (ends, ns, grows)
+        self.plan, self.busy = None, True
+        return float(ends[k])
+
+    def end_coast(self) -> None:
+        """The coast's last step ended: run all its steps."""
+        coast = self._coast
+        assert coast is not None
+        self._advance(len(coast[0]) - 1)
+
+    def sync(self, now: float) -> float | None:
+        """Stop coasting at `now`: run the steps that ended by then and start the one in
+        flight; its end (the caller schedules it; the coast's own end is stale)."""
+        coast = self._coast
+        assert coast is not None
+        ends = coast[0]
+        k = int(ends.searchsorted(now, "right")) - 1  # ends[0] <= now: not a step's end
+        if k:
+            self._advance(k)
+        else:
+            self._coast = None
+        self.gen += 1
+        return self.start_step(float(ends[k]))
+
+    def _advance(self, k: int) -> None:
+        ends, ns, _ = self._coast  # type: ignore[misc]
+        self._coast = None
+        ran = self.core.run_steady(k, SYNTHETIC_TOKEN)
+        if ran != k:
+            raise RuntimeError(f"replica {self.index}: the core ran {ran} of {k} steady steps")
+        stats = self.stats
+        stats.steps += k
+        stats.output_tokens += k * ns
+        stats.itl.add_weighted(ends[1:k + 1] - ends[:k], ns)
+        slots = self._pending[0]  # type: ignore[index]
+        self._pending = (slots, float(ends[k]))
+        self._last_ctx += k * ns
+        self.plan, self.busy = None, False
+
     def finish_step(self, now: float) -> list[Finished]:
         """Commit the step that ends at `now`; account tokens; the requests it finished."""
         plan = self.plan
@@ -246,6 +337,7 @@ class SimReplica:
             self._pending = (slots, now)
         stats.output_tokens += n
         self._steady = plan.num_decodes == n == plan.num_seqs and n > 0
+        self._may_coast = self._steady and not self._added
         if not len(fin):
             return []
         self._flush_pending()

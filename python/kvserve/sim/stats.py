@@ -25,6 +25,9 @@ class LogHistogram:
         self._one_v: list[float] = []
         self._one_c: list[int] = []
         self._pending_ones = 1 << 16  # adds left before the lists are binned
+        self._wv = np.empty(1 << 16)
+        self._wc = np.empty(1 << 16, np.int64)
+        self._wn = 0
 
     @property
     def total(self) -> int:
@@ -50,7 +53,22 @@ class LogHistogram:
         self._buf[self._n:self._n + k] = values
         self._n += k
 
+    def add_weighted(self, values: np.ndarray, count: int) -> None:
+        """Each value `count` times, buffered (a coasted run of steps adds its gaps)."""
+        k = len(values)
+        if self._wn + k > len(self._wv):
+            self._flush()
+            if k > len(self._wv):
+                self._bin_many(values, np.full(k, count, np.int64))
+                return
+        self._wv[self._wn:self._wn + k] = values
+        self._wc[self._wn:self._wn + k] = count
+        self._wn += k
+
     def _flush(self) -> None:
+        if self._wn:
+            self._bin_many(self._wv[:self._wn], self._wc[:self._wn])
+            self._wn = 0
         if self._n:
             self._bin_many(self._buf[:self._n])
             self._n = 0

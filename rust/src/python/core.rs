@@ -30,7 +30,7 @@ impl PyCore {
         max_num_batched_tokens = 2048, max_model_len = 4096, max_waiting = 4096,
         enable_prefix_caching = true, preemption_mode = "auto", watermark = 0.01,
         kv_bytes_per_token = 0, flops_per_token = 0.0, swap_bytes_per_s = 25e9,
-        prefill_flops_per_s = 1e14))]
+        prefill_flops_per_s = 1e14, finished_memory = 4096, evicted_memory = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_gpu_blocks: i64,
@@ -47,6 +47,8 @@ impl PyCore {
         flops_per_token: f64,
         swap_bytes_per_s: f64,
         prefill_flops_per_s: f64,
+        finished_memory: i64,
+        evicted_memory: Option<i64>,
     ) -> PyResult<Self> {
         let cfg = Config {
             num_gpu_blocks: nonneg(num_gpu_blocks, "num_gpu_blocks", config_err)?,
@@ -68,6 +70,10 @@ impl PyCore {
             flops_per_token,
             swap_bytes_per_s,
             prefill_flops_per_s,
+            finished_memory: nonneg(finished_memory, "finished_memory", config_err)?,
+            evicted_memory: evicted_memory
+                .map(|m| nonneg(m, "evicted_memory", config_err))
+                .transpose()?,
         };
         Ok(PyCore {
             inner: Scheduler::new(cfg).map_err(to_py)?,
@@ -140,6 +146,27 @@ impl PyCore {
         Ok(PyStepOutput::from_output(py, out))
     }
 
+    /// (steps, grows_at): how many steps (at most `max_steps`) the steady decode batch can
+    /// run, `token` sampled for every row, before one may stop a request or lacks a block
+    /// (0: the next step is not a steady one); the step (1-based) each block they take is
+    /// taken at, in order.
+    fn steady_outlook<'py>(
+        &self,
+        py: Python<'py>,
+        token: i64,
+        max_steps: usize,
+    ) -> (usize, Bound<'py, PyArray1<i64>>) {
+        let o = self.inner.steady_outlook(token, max_steps);
+        let grows: Vec<i64> = o.grows_at.iter().map(|&j| j as i64).collect();
+        (o.steps, PyArray1::from_vec(py, grows))
+    }
+
+    /// Runs up to `max_steps` of those steps (each a schedule + commit of `token` for every
+    /// row) and returns how many ran; no plan is pending afterwards.
+    fn run_steady(&mut self, max_steps: usize, token: i64) -> usize {
+        self.inner.run_steady(max_steps, token)
+    }
+
     /// Ends a live request for a reason found in Python (e.g. a stop string).
     fn finish(&mut self, request_id: &str, reason: &str) -> bool {
         self.inner.finish(request_id, reason)
@@ -180,6 +207,25 @@ impl PyCore {
         d.set_item("num_computed_tokens", s.num_computed_tokens)?;
         d.set_item("num_preemptions", s.num_preemptions)?;
         d.set_item("state", s.state)?;
+        Ok(d)
+    }
+
+    /// The sizes of the core's records, by kind (bounded by live requests or the config).
+    fn retained<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let r = self.inner.retained();
+        let d = PyDict::new(py);
+        for (k, v) in [
+            ("slots", r.slots),
+            ("live_ids", r.live_ids),
+            ("finished", r.finished),
+            ("finished_order", r.finished_order),
+            ("evicted", r.evicted),
+            ("evicted_fifo", r.evicted_fifo),
+            ("kv_events", r.kv_events),
+            ("cached_digests", r.cached_digests),
+        ] {
+            d.set_item(k, v)?;
+        }
         Ok(d)
     }
 

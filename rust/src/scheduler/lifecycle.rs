@@ -18,7 +18,42 @@ pub struct RequestStats {
     pub state: String,
 }
 
+/// How many records the core keeps, by kind: each is bounded by the live requests or by
+/// the config, never by how many requests came before (`Scheduler::retained`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retained {
+    /// Request slots (live plus free for reuse) and ids of live requests.
+    pub slots: usize,
+    pub live_ids: usize,
+    /// Ended requests `request_stats` answers for, and their order queue.
+    pub finished: usize,
+    pub finished_order: usize,
+    /// Remembered evicted digests and their FIFO.
+    pub evicted: usize,
+    pub evicted_fifo: usize,
+    /// KV events not yet drained.
+    pub kv_events: usize,
+    /// Digests of cached blocks.
+    pub cached_digests: usize,
+}
+
 impl Scheduler {
+    /// The sizes of the core's records (see `Retained`).
+    pub fn retained(&self) -> Retained {
+        let (finished, finished_order) = self.finished.len();
+        let (evicted, evicted_fifo, kv_events) = self.prefix.record_lens();
+        Retained {
+            slots: self.slots.len(),
+            live_ids: self.by_id.len(),
+            finished,
+            finished_order,
+            evicted,
+            evicted_fifo,
+            kv_events,
+            cached_digests: self.prefix.len(),
+        }
+    }
+
     /// Ends a live request for a reason found outside the core (e.g. a stop string).
     pub fn finish(&mut self, id: &str, reason: &str) -> bool {
         self.end(id, reason, false)

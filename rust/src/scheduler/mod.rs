@@ -8,7 +8,8 @@
 //! through the core lives in a file of its own: `admission` (add_request, swap-in,
 //! admitting waiting requests), `preemption` (growing, picking and preempting victims),
 //! `plan_builder` (the plan from the scheduled rows), `steady` (the decode-batch fast
-//! path), `commit`, `lifecycle` (finish, abort, request_stats) with `finished_log`, and
+//! path; `steady_run` runs many of its steps in one call), `commit`, `lifecycle` (finish,
+//! abort, request_stats) with `finished_log`, and
 //! `invariants` (whole-core checks for tests).
 
 mod admission;
@@ -20,6 +21,7 @@ mod load;
 mod plan_builder;
 mod preemption;
 mod steady;
+mod steady_run;
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -34,9 +36,10 @@ use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
-pub use lifecycle::RequestStats;
+pub use lifecycle::{RequestStats, Retained};
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
+pub use steady_run::SteadyOutlook;
 
 /// A waiting or swapped request's place in its queue; lower sorts first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,10 +114,8 @@ impl Scheduler {
         Ok(Scheduler {
             gpu: BlockPool::new("gpu", cfg.num_gpu_blocks),
             host: BlockPool::new("host", cfg.num_host_blocks),
-            prefix: PrefixCache::new(
-                cfg.num_gpu_blocks,
-                cfg.num_gpu_blocks.saturating_mul(4).min(1 << 20),
-            ),
+            prefix: PrefixCache::new(cfg.num_gpu_blocks, cfg.evicted_capacity()),
+            finished: FinishedLog::new(cfg.finished_memory),
             cfg,
             slots: Vec::new(),
             free_slots: Vec::new(),
@@ -127,7 +128,6 @@ impl Scheduler {
             next_plan_id: 0,
             pending: None,
             counters: Counters::default(),
-            finished: FinishedLog::default(),
             evicted_scratch: Vec::new(),
             batch: BatchTable::default(),
             recent: RecentTokens::default(),

@@ -188,7 +188,15 @@ impl Scheduler {
     pub(super) fn keep_steady_batch(&mut self, plan: &Plan) {
         let sb = &mut self.steady;
         sb.committed = false;
-        if plan.num_decodes == plan.num_seqs && plan.num_seqs > 0 && self.steady_path {
+        // A plan that swaps blocks in is committed by the full path: the swapped-in rows'
+        // full blocks are registered there (the steady commit registers only a block a
+        // step fills), so a request that ends before its next block fills still leaves
+        // them cached.
+        if plan.num_decodes == plan.num_seqs
+            && plan.num_seqs > 0
+            && plan.swap_in.is_empty()
+            && self.steady_path
+        {
             sb.plan_id = plan.id;
             sb.intact = true;
             for (dst, src) in [
