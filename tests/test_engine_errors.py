@@ -37,6 +37,13 @@ def test_bad_requests_leave_the_engine_serving(llm: LLM) -> None:
         engine.add_request(None, "ok", SamplingParams(top_p=2.0))
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add_request(None, "ok", SamplingParams(stop_token_ids=[10**6]))
+    # What the core owns it alone checks; its message starts with the field.
+    with pytest.raises(ValueError, match=r"^min_tokens: 4 is more than max_tokens 3"):
+        engine.add_request(None, "ok", SamplingParams(max_tokens=3, min_tokens=4))
+    with pytest.raises(ValueError, match=r"^min_tokens: .*more than max_tokens"):
+        engine.add_request(None, None, SamplingParams(min_tokens=70), prompt_token_ids=[1] * 8)
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: .*max_model_len is 64"):
+        engine.add_request(None, None, greedy, prompt_token_ids=[1] * 64)
     assert engine.metrics()["waiting"] == 1  # only the good request was queued
     tokens: list[int] = []
     while engine.has_unfinished():

@@ -34,7 +34,7 @@ use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
-pub use lifecycle::RequestStats;
+pub use lifecycle::{Ended, RequestStats};
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
 
