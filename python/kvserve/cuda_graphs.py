@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionMetadata
 from kvserve.model import decoder_ops
+
+if TYPE_CHECKING:
+    from kvserve._core import Plan
 
 log = logging.getLogger(__name__)
 _MAX_TABLE_UPLOAD = 1 << 20  # bytes of whole block-table rows worth one upload per step
@@ -155,12 +158,12 @@ class DecodeGraphs:
         """Forget a step launched ahead (the next plan runs eagerly)."""
         self._ahead = None
 
-    def can_run(self, plan: Any) -> bool:
+    def can_run(self, plan: Plan) -> bool:
         n = int(plan.num_seqs)
         decode_only = int(plan.num_decodes) == n == int(plan.num_tokens)
         return 0 < n <= self.sizes[-1] and decode_only and plan.logits_indices.shape[0] == n
 
-    def run(self, plan: Any, greedy_only: bool = False) -> torch.Tensor:
+    def run(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor:
         """Replay the smallest graph that holds the batch; fp32 logits of its n rows.
 
         last_greedy is then their argmax (int64 [n]), computed in the graph: on the device,
@@ -194,7 +197,7 @@ class DecodeGraphs:
         self.last_greedy = torch.from_numpy(tokens)
         return logits[:n]
 
-    def _may_run_ahead(self, plan: Any) -> bool:
+    def _may_run_ahead(self, plan: Plan) -> bool:
         """Every row's next position lies in the block its current one does, within
         max_model_len, and the plan moves no blocks (see the module docstring)."""
         nxt = plan.positions + 1
@@ -203,7 +206,7 @@ class DecodeGraphs:
                     and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
                     and len(plan.copies) == 0)
 
-    def _replay(self, plan: Any, n: int, bs: int) -> None:
+    def _replay(self, plan: Plan, n: int, bs: int) -> None:
         """Upload the plan's inputs into the static buffers and replay graph bs."""
         width = plan.block_table.shape[1]
         self._uploaded.synchronize()  # the previous step's upload has left the host buffer

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvserve.attention import kv_quant
@@ -14,7 +15,32 @@ from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.model import Checkpoint, build_model
 from kvserve.model.llama import Attention
 
+if TYPE_CHECKING:
+    from kvserve._core import Plan
+
 log = logging.getLogger(__name__)
+
+
+class ForwardInputs(Protocol):
+    """What the forward pass reads of a step: a `_core.Plan`, or a hand-built prefill of
+    one sequence (bench/perplexity.py)."""
+
+    @property
+    def input_ids(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def positions(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def slot_mapping(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def query_start_loc(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def seq_lens(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def block_table(self) -> npt.NDArray[np.int32]: ...
+    @property
+    def num_decodes(self) -> int: ...
+    @property
+    def logits_indices(self) -> npt.NDArray[np.int64]: ...
 
 
 def host_tensor(table: np.ndarray) -> torch.Tensor:
@@ -155,7 +181,7 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, plan: Any, greedy_only: bool = False) -> torch.Tensor | None:
+    def execute(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor | None:
         """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows.
 
         greedy_only: the caller reads only last_greedy (every row greedy, no logprobs), so a
@@ -173,6 +199,11 @@ class ModelRunner:
             return logits
         if self.graphs is not None:
             self.graphs.drop_ahead()
+        return self.forward(plan)
+
+    @torch.inference_mode()
+    def forward(self, plan: ForwardInputs) -> torch.Tensor:
+        """The eager forward of a step's tokens; fp32 logits of its logits_indices rows."""
         dev = self.device
         qsl = torch.from_numpy(plan.query_start_loc)
         seq_lens = torch.from_numpy(plan.seq_lens)
