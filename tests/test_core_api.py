@@ -390,11 +390,17 @@ def test_step_output_reports_finished_cached_prompt_tokens_and_plans_their_prede
     for i in range(12):
         prompt = shared[: int(rng.integers(1, 10))] + rng.integers(0, 50, 3).tolist()
         core.add_request(f"r{i}", prompt, max_tokens=int(rng.integers(1, 12)))
-    finished, hits, continued, prev_id = 0, 0, 0, None
+    finished, hits, continued, advancing, prev_id = 0, 0, 0, 0, None
     while core.has_unfinished():
         plan = core.schedule()
         assert plan.continues_plan_id in (None, prev_id)
         continued += plan.continues_plan_id is not None
+        nxt = plan.positions + 1  # the run-ahead's precondition, as cuda_graphs once had it
+        in_place = (0 < plan.num_seqs == plan.num_decodes and not len(plan.swap_out)
+                    and not len(plan.swap_in) and not len(plan.copies)
+                    and bool(np.all(nxt % 4 != 0)) and bool(np.all(nxt < core.max_model_len)))
+        assert plan.advances_in_place is in_place
+        advancing += in_place
         out = core.commit(plan.id, rng.integers(0, 50, plan.num_samples))
         assert len(out.finished_cached_prompt_tokens) == len(out.finished_handles)
         assert out.finished_cached_prompt_tokens.dtype == np.uint64
@@ -403,7 +409,7 @@ def test_step_output_reports_finished_cached_prompt_tokens_and_plans_their_prede
             finished += 1
             hits += cached > 0
         prev_id = plan.id
-    assert finished == 12 and hits > 0 and continued > 0
+    assert finished == 12 and hits > 0 and continued > 0 and advancing > 0
 
 
 def test_finish_and_abort_report_what_request_stats_records() -> None:

@@ -85,6 +85,11 @@ class Plan:
         """The previous plan's id when this plan is its forward one step on (same decode
         rows one position further, fed the tokens its commit took, same block table,
         nothing to swap or copy); None otherwise."""
+    @property
+    def advances_in_place(self) -> bool:
+        """Decode-only, nothing to swap or copy, and every row's next position lies in the
+        block its current one does and below max_model_len: the next step writes each
+        row's K/V to the slot after this step's (a step run ahead may be launched)."""
 
 @final
 class StepOutput:
