@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -21,26 +22,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class ForwardInputs(Protocol):
-    """What the forward pass reads of a step: a `_core.Plan`, or a hand-built prefill of
-    one sequence (bench/perplexity.py)."""
+@dataclass(frozen=True)
+class StepInputs:
+    """A step built by hand for the forward alone (bench/perplexity.py: one sequence's
+    prefill chunk); the engine's steps are `_core.Plan`s, which carry the same columns."""
 
-    @property
-    def input_ids(self) -> npt.NDArray[np.int64]: ...
-    @property
-    def positions(self) -> npt.NDArray[np.int64]: ...
-    @property
-    def slot_mapping(self) -> npt.NDArray[np.int64]: ...
-    @property
-    def query_start_loc(self) -> npt.NDArray[np.int32]: ...
-    @property
-    def seq_lens(self) -> npt.NDArray[np.int32]: ...
-    @property
-    def block_table(self) -> npt.NDArray[np.int32]: ...
-    @property
-    def num_decodes(self) -> int: ...
-    @property
-    def logits_indices(self) -> npt.NDArray[np.int64]: ...
+    input_ids: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.int64]
+    slot_mapping: npt.NDArray[np.int64]
+    query_start_loc: npt.NDArray[np.int32]
+    seq_lens: npt.NDArray[np.int32]
+    block_table: npt.NDArray[np.int32]
+    logits_indices: npt.NDArray[np.int64]
+    num_decodes: int = 0
 
 
 def host_tensor(table: np.ndarray) -> torch.Tensor:
@@ -202,7 +196,7 @@ class ModelRunner:
         return self.forward(plan)
 
     @torch.inference_mode()
-    def forward(self, plan: ForwardInputs) -> torch.Tensor:
+    def forward(self, plan: Plan | StepInputs) -> torch.Tensor:
         """The eager forward of a step's tokens; fp32 logits of its logits_indices rows."""
         dev = self.device
         qsl = torch.from_numpy(plan.query_start_loc)

@@ -8,28 +8,12 @@ exactly the quantization the cache applies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 import torch
 
 from kvserve.engine import LLMEngine
-from kvserve.runner import ModelRunner
-
-
-@dataclass(frozen=True)
-class _Chunk:
-    """One chunk of the sequence as the forward reads a step (runner.ForwardInputs)."""
-
-    input_ids: npt.NDArray[np.int64]
-    positions: npt.NDArray[np.int64]
-    slot_mapping: npt.NDArray[np.int64]
-    query_start_loc: npt.NDArray[np.int32]
-    seq_lens: npt.NDArray[np.int32]
-    block_table: npt.NDArray[np.int32]
-    logits_indices: npt.NDArray[np.int64]
-    num_decodes: int = 0
+from kvserve.runner import ModelRunner, StepInputs
 
 
 def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> float:
@@ -46,7 +30,7 @@ def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> flo
     nll, count = 0.0, 0
     for start in range(0, n - 1, chunk):
         end = min(start + chunk, n - 1)  # the last token is only a target
-        logits = runner.forward(_Chunk(
+        logits = runner.forward(StepInputs(
             input_ids=ids[start:end], positions=np.arange(start, end, dtype=np.int64),
             slot_mapping=np.arange(start, end, dtype=np.int64),  # blocks 0.. in order
             query_start_loc=np.array([0, end - start], dtype=np.int32),
