@@ -12,6 +12,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as HFTokenizer
 
+from kvserve.json_object import read_json_object
 from kvserve.token_bound import TokenBound, bytes_to_unicode, token_bound
 
 # llama.cpp "tokenizer.ggml.pre" names whose split regex differs from GPT-2's.
@@ -223,15 +224,7 @@ def _jinja_env() -> Any:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: malformed JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")  # noqa: TRY004
-    return data
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _token_text(value: Any) -> str | None:
