@@ -28,6 +28,11 @@ class Batch:
                        m.query_start_loc, m.seq_lens)
 
 
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator for make_batch's random data."""
+    return torch.Generator().manual_seed(seed)
+
+
 def cache_shape(layout: str, num_blocks: int, block_size: int, hkv: int, d: int) -> tuple:
     if layout == "NHD":
         return (num_blocks, block_size, hkv, d)
@@ -38,11 +43,11 @@ def make_batch(
     specs: list[tuple[int, int]],  # (context length after the step, new tokens), decodes first
     *,
     hkv: int,
-    group: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    block_size: int,
-    layout: str,
+    group: int = 4,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    block_size: int = 16,
+    layout: str = "HND",
     shared_prefix_blocks: int = 0,  # leading blocks shared by every sequence (prefix hits)
     pad_tokens: int = 0,  # extra token rows with slot -1 (padding)
     gen: torch.Generator | None = None,
