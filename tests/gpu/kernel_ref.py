@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,16 @@ class Batch:
         m = self.meta
         return PagedKV(self.k_cache, self.v_cache, self.layout, m.block_table,
                        m.query_start_loc, m.seq_lens)
+
+
+def ragged_specs(rng: random.Random, max_new: int) -> list[tuple[int, int]]:
+    """1 to 12 prefill rows of 1 to max_new new tokens; a third of them after a cached
+    context of up to 3000 tokens (make_batch's specs)."""
+    specs = []
+    for _ in range(rng.randint(1, 12)):
+        new = rng.randint(1, max_new)
+        specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
+    return specs
 
 
 def seeded(seed: int) -> torch.Generator:

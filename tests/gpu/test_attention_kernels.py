@@ -10,6 +10,7 @@ from kernel_ref import (
     Batch,
     check_against_reference,
     make_batch,
+    ragged_specs,
     ref_cache_write,
     seeded,
 )
@@ -208,12 +209,8 @@ PREFILL_TILINGS = [PREFILL_CONFIG, AttnConfig(bn=64, stages=2, warps_m=4, warps_
 def test_prefill_random_ragged_batches(cfg) -> None:
     rng = random.Random(1234 + cfg.mt)
     for trial in range(6):
-        specs = []
-        for _ in range(rng.randint(1, 12)):
-            new = rng.randint(1, 700)
-            specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
         b = make_batch(
-            specs,
+            ragged_specs(rng, 700),
             hkv=rng.choice([1, 2, 8]),
             group=rng.choice([1, 4, 8]),
             head_dim=rng.choice([64, 128]),

@@ -14,6 +14,7 @@ from kernel_ref import (
     check_against_reference,
     make_batch,
     max_row_rel_err,
+    ragged_specs,
     ref_attention,
     rel_err,
     seeded,
@@ -139,12 +140,8 @@ def test_sm90_prefill_matches_reference(case, variant) -> None:
 def test_sm90_prefill_random_ragged_batches(variant) -> None:
     rng = random.Random(90 + _seed(variant))
     for trial in range(8):
-        specs = []
-        for _ in range(rng.randint(1, 12)):
-            new = rng.randint(1, 900)
-            specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
         b = make_batch(
-            specs,
+            ragged_specs(rng, 900),
             hkv=rng.choice([1, 2, 8]),
             group=rng.choice([1, 4, 8]),
             dtype=rng.choice([torch.bfloat16, torch.float16]),
