@@ -93,3 +93,24 @@ def test_full_waiting_queue_refuses_without_losing_work(tiny_llama_dir: Path) ->
     assert done == {"a", "b"}
     engine.add_request("c", "jumps", greedy)  # room again once the queue drained
     engine.core.check_invariants()
+
+
+def test_unlocked_counts_fall_back_to_the_lock_while_the_core_is_borrowed(llm: LLM) -> None:
+    """The binding refuses a read while another thread holds the core mutably; the engine's
+    lock-free counts then read under its lock instead of failing the request."""
+    engine = llm.engine
+    real = engine.core
+
+    class Borrowed:  # as the binding answers while the step thread is inside commit
+        def __getattr__(self, name: str) -> object:
+            if not engine._lock.locked():
+                raise RuntimeError("Already mutably borrowed")
+            return getattr(real, name)
+
+    engine.core = Borrowed()  # type: ignore[assignment]
+    try:
+        assert engine.admitting() is True
+        assert engine.num_unfinished() == 0
+        assert "0 requests waiting" in str(engine.at_capacity_error())
+    finally:
+        engine.core = real

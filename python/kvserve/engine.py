@@ -29,7 +29,7 @@ from kvserve.stop_strings import StopStringMatcher
 if TYPE_CHECKING:  # xgrammar loads at the first structured request
     from xgrammar import GrammarMatcher
 
-    from kvserve._core import Plan, StepOutput
+    from kvserve._core import Core, Plan, StepOutput
     from kvserve.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
@@ -168,21 +168,30 @@ class LLMEngine:
 
     def admitting(self) -> bool:
         """Whether the waiting queue has room, asked of the core without the engine lock: the
-        binding holds the GIL through every call, so the count is one consistent read; it
-        may be a moment old, which is all a pre-check needs (the core's add_request is the
-        authority)."""
-        return int(self.core.num_waiting) < self.args.max_waiting
+        count is one consistent read; it may be a moment old, which is all a pre-check needs
+        (the core's add_request is the authority)."""
+        return self._read_unlocked(lambda c: c.num_waiting) < self.args.max_waiting
 
     def num_unfinished(self) -> int:
         """Requests waiting, swapped or running, read like `admitting` (no lock)."""
-        core = self.core
-        return int(core.num_waiting) + int(core.num_swapped) + int(core.num_running)
+        return self._read_unlocked(lambda c: c.num_waiting + c.num_swapped + c.num_running)
+
+    def _read_unlocked(self, read: Callable[[Core], int]) -> int:
+        """A core counter read without the engine lock. The binding refuses it (RuntimeError)
+        while the step thread is inside a mutating core call that let the GIL go (building
+        its result objects can run Python code); then it is read under the lock."""
+        try:
+            return int(read(self.core))
+        except RuntimeError:
+            with self._lock:
+                return int(read(self.core))
 
     def at_capacity_error(self) -> Exception:
         from kvserve import _core
 
+        waiting = self._read_unlocked(lambda c: c.num_waiting)
         return _core.AtCapacityError(
-            f"at capacity: {int(self.core.num_waiting)} requests waiting "
+            f"at capacity: {waiting} requests waiting "
             f"(max_waiting={self.args.max_waiting}); retry later")
 
     def encode_prompt(self, prompt: str | None, ids: list[int] | None,
