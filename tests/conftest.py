@@ -3,7 +3,8 @@
 `tiny_llama_dir` (session-scoped) is the one other test files reuse: a random-init
 LlamaForCausalLM with grouped-query attention, safetensors weights, a byte-level BPE
 tokenizer.json trained here, tokenizer_config.json (chat template) and generation_config.json
-(eos). The builders live in tiny_models.py.
+(eos). The builders live in tiny_models.py. `smollm2_gguf` is the embedded default model
+(the tests that need it skip where it cannot be had).
 """
 
 from __future__ import annotations
@@ -45,13 +46,19 @@ def tiny_mistral_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_smollm2_vocab_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny random Llama over the embedded SmolLM2 tokenizer (real 49k vocabulary)."""
+def smollm2_gguf() -> Path:
+    """The embedded default model's GGUF file (skips where it cannot be had)."""
     from kvserve.default_model import default_model_path
-    from tiny_structured import save_smollm2_vocab_model
 
     try:
-        gguf = default_model_path()
+        return default_model_path()
     except RuntimeError as exc:  # no network and not installed
         pytest.skip(f"default model unavailable: {exc}")
-    return save_smollm2_vocab_model(tmp_path_factory.mktemp("tiny_smollm2_vocab"), gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_smollm2_vocab_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """Tiny random Llama over the embedded SmolLM2 tokenizer (real 49k vocabulary)."""
+    from tiny_structured import save_smollm2_vocab_model
+
+    return save_smollm2_vocab_model(tmp_path_factory.mktemp("tiny_smollm2_vocab"), smollm2_gguf)

@@ -285,18 +285,18 @@ def test_commit_accepts_any_int_sequence_alike(kind: str) -> None:
 
 def test_abort_finish_and_stats() -> None:
     core = Core(num_gpu_blocks=16, block_size=4)
-    assert core.abort("unknown") is False
-    assert core.finish("unknown", "stop") is False
-    core.add_request("a", [1, 2, 3, 4, 5], max_tokens=8)
+    assert core.abort("unknown") is None
+    assert core.finish("unknown", "stop") is None
+    ha = core.add_request("a", [1, 2, 3, 4, 5], max_tokens=8)
     core.add_request("b", [6, 7], max_tokens=8)
     plan = core.schedule()
     core.commit(plan.id, [9, 9])
     assert core.request_stats("a")["state"] == "running"
     assert core.num_used_gpu_blocks == 3
-    assert core.abort("a") is True
-    assert core.abort("a") is False
+    assert core.abort("a") == ha
+    assert core.abort("a") is None
     assert core.request_stats("a")["state"] == "aborted"
-    assert core.finish("b", "stop_string") is True
+    assert core.finish("b", "stop_string") == 0  # nothing of it was cached
     st = core.request_stats("b")
     assert st["state"] == "finished:stop_string" and st["output_tokens"] == 1
     assert core.num_used_gpu_blocks == 0 and not core.has_unfinished()
@@ -368,7 +368,7 @@ def test_request_stats_remembers_the_last_4096_ended_even_with_reused_ids() -> N
 
     def end(request_id: str) -> None:
         core.add_request(request_id, [1, 2], max_tokens=4)
-        assert core.finish(request_id, "stop")
+        assert core.finish(request_id, "stop") is not None
 
     end("x")
     for i in range(4095):
@@ -390,11 +390,17 @@ def test_step_output_reports_finished_cached_prompt_tokens_and_plans_their_prede
     for i in range(12):
         prompt = shared[: int(rng.integers(1, 10))] + rng.integers(0, 50, 3).tolist()
         core.add_request(f"r{i}", prompt, max_tokens=int(rng.integers(1, 12)))
-    finished, hits, continued, prev_id = 0, 0, 0, None
+    finished, hits, continued, advancing, prev_id = 0, 0, 0, 0, None
     while core.has_unfinished():
         plan = core.schedule()
         assert plan.continues_plan_id in (None, prev_id)
         continued += plan.continues_plan_id is not None
+        nxt = plan.positions + 1  # the run-ahead's precondition, as cuda_graphs once had it
+        in_place = (0 < plan.num_seqs == plan.num_decodes and not len(plan.swap_out)
+                    and not len(plan.swap_in) and not len(plan.copies)
+                    and bool(np.all(nxt % 4 != 0)) and bool(np.all(nxt < core.max_model_len)))
+        assert plan.advances_in_place is in_place
+        advancing += in_place
         out = core.commit(plan.id, rng.integers(0, 50, plan.num_samples))
         assert len(out.finished_cached_prompt_tokens) == len(out.finished_handles)
         assert out.finished_cached_prompt_tokens.dtype == np.uint64
@@ -403,4 +409,38 @@ def test_step_output_reports_finished_cached_prompt_tokens_and_plans_their_prede
             finished += 1
             hits += cached > 0
         prev_id = plan.id
-    assert finished == 12 and hits > 0 and continued > 0
+    assert finished == 12 and hits > 0 and continued > 0 and advancing > 0
+
+
+def test_finish_and_abort_report_what_request_stats_records() -> None:
+    """finish returns the ended request's cached prompt tokens and abort its handle, the
+    facts the engine needs, so it never asks request_stats for them."""
+    rng = np.random.default_rng(5)
+    core = Core(num_gpu_blocks=64, block_size=4, max_num_seqs=4)
+    shared = rng.integers(0, 50, 9).tolist()
+    handles: dict[str, int] = {}
+    for i in range(16):
+        prompt = shared[: int(rng.integers(1, 10))] + rng.integers(0, 50, 3).tolist()
+        handles[f"r{i}"] = core.add_request(f"r{i}", prompt, max_tokens=20)
+    live = set(handles)
+    hits = 0
+    while live:
+        plan = core.schedule()
+        out = core.commit(plan.id, rng.integers(0, 50, plan.num_samples))
+        live -= set(out.finished_ids)
+        if not live:
+            break
+        victim = sorted(live)[int(rng.integers(0, len(live)))]
+        live.discard(victim)
+        if rng.random() < 0.5:
+            assert core.abort(victim) == handles[victim]
+            assert core.request_stats(victim)["state"] == "aborted"
+        else:
+            cached = core.finish(victim, "stop_string")
+            stats = core.request_stats(victim)
+            assert stats["state"] == "finished:stop_string"
+            assert cached == stats["cached_prompt_tokens"] and stats["handle"] == handles[victim]
+            hits += cached is not None and cached > 0
+        assert core.abort(victim) is None and core.finish(victim, "stop") is None
+        core.check_invariants()
+    assert hits > 0

@@ -317,15 +317,15 @@ def test_random_operations_keep_invariants_and_streams(
         else:
             live = [r for r in prompts if r not in ended and r not in sim.finished]
             if not live:
-                assert core.abort("nobody") is False
+                assert core.abort("nobody") is None
                 continue
             victim = live[o[1] % len(live)]
             if o[0] == "abort":
-                assert core.abort(victim)
+                assert core.abort(victim) is not None
             else:  # abort between schedule and commit
                 plan = core.schedule()
                 sampled = sim.execute(plan)
-                assert core.abort(victim)
+                assert core.abort(victim) is not None
                 out = core.commit(plan.id, sampled)
                 assert sim.ids[victim] not in out.handles.tolist()
                 for h, t in zip(out.handles, out.token_ids):

@@ -37,6 +37,13 @@ def test_bad_requests_leave_the_engine_serving(llm: LLM) -> None:
         engine.add_request(None, "ok", SamplingParams(top_p=2.0))
     with pytest.raises(ValueError, match="stop_token_ids"):
         engine.add_request(None, "ok", SamplingParams(stop_token_ids=[10**6]))
+    # What the core owns it alone checks; its message starts with the field.
+    with pytest.raises(ValueError, match=r"^min_tokens: 4 is more than max_tokens 3"):
+        engine.add_request(None, "ok", SamplingParams(max_tokens=3, min_tokens=4))
+    with pytest.raises(ValueError, match=r"^min_tokens: .*more than max_tokens"):
+        engine.add_request(None, None, SamplingParams(min_tokens=70), prompt_token_ids=[1] * 8)
+    with pytest.raises(ValueError, match=r"^prompt_token_ids: .*max_model_len is 64"):
+        engine.add_request(None, None, greedy, prompt_token_ids=[1] * 64)
     assert engine.metrics()["waiting"] == 1  # only the good request was queued
     tokens: list[int] = []
     while engine.has_unfinished():
@@ -86,3 +93,24 @@ def test_full_waiting_queue_refuses_without_losing_work(tiny_llama_dir: Path) ->
     assert done == {"a", "b"}
     engine.add_request("c", "jumps", greedy)  # room again once the queue drained
     engine.core.check_invariants()
+
+
+def test_unlocked_counts_fall_back_to_the_lock_while_the_core_is_borrowed(llm: LLM) -> None:
+    """The binding refuses a read while another thread holds the core mutably; the engine's
+    lock-free counts then read under its lock instead of failing the request."""
+    engine = llm.engine
+    real = engine.core
+
+    class Borrowed:  # as the binding answers while the step thread is inside commit
+        def __getattr__(self, name: str) -> object:
+            if not engine._lock.locked():
+                raise RuntimeError("Already mutably borrowed")
+            return getattr(real, name)
+
+    engine.core = Borrowed()  # type: ignore[assignment]
+    try:
+        assert engine.admitting() is True
+        assert engine.num_unfinished() == 0
+        assert "0 requests waiting" in str(engine.at_capacity_error())
+    finally:
+        engine.core = real

@@ -27,61 +27,17 @@ from kvserve.server.http.protocol import ChatCompletionRequest, CompletionReques
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import ServerProcess
-
-MAX_MODEL_LEN = 256
-ENGINE_FLAGS = [
-    "--device",
-    "cpu",
-    "--kv-cache-memory",
-    "4MiB",
-    "--max-model-len",
-    str(MAX_MODEL_LEN),
-    "--max-num-seqs",
-    "64",
-    "--seed",
-    "7",
-]
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "paged",
-    "attention",
-    "blocks",
-    "scheduler",
-    "prefix",
-]
-
-
-def random_prompt(rng: random.Random, lo: int = 3, hi: int = 12) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+from serving import ENGINE_FLAGS, MAX_MODEL_LEN, WORDS, random_prompt, reference_llm, served
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(["--model", str(tiny_llama_dir), *ENGINE_FLAGS]).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(["--model", str(tiny_llama_dir), *ENGINE_FLAGS])
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir: Path) -> Any:
-    from kvserve import LLM
-
-    return LLM(
-        str(tiny_llama_dir),
-        device="cpu",
-        kv_cache_memory="4MiB",
-        max_model_len=MAX_MODEL_LEN,
-        seed=7,
-    )
+    return reference_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,14 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.testing import ServerProcess
+from serving import SMALL_POOL_FLAGS, metric_samples, served
 
 API_KEY = "test-key-0123"
 MAX_BODY = 64 * 1024
-# 12 blocks of 16 tokens: a prompt plus max_tokens over 192 tokens can never run here
 FLAGS = [
-    "--device",
-    "cpu",
-    "--kv-cache-memory",
-    "96KiB",
-    "--max-model-len",
-    "256",
-    "--max-num-seqs",
-    "1",
-    "--max-waiting",
-    "2",
+    *SMALL_POOL_FLAGS,
     "--max-message-bytes",
     str(MAX_BODY),
     "--served-model-name",
@@ -42,13 +32,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(
-        ["--model", str(tiny_llama_dir), *FLAGS], env={"KVSERVE_API_KEY": API_KEY}
-    ).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(["--model", str(tiny_llama_dir), *FLAGS], env={"KVSERVE_API_KEY": API_KEY})
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +55,8 @@ def error_of(r: httpx.Response, status: int) -> dict[str, Any]:
 
 
 def rejected(http: httpx.Client, reason: str) -> float:
-    for family in text_string_to_metric_families(http.get("/metrics").text):
-        for s in family.samples:
-            if s.name == "kvserve_requests_rejected_total" and s.labels["reason"] == reason:
-                return s.value
-    raise AssertionError("no kvserve_requests_rejected_total sample for " + reason)
+    samples = metric_samples(http.get("/metrics").text)
+    return samples[f"kvserve_requests_rejected_total{{reason={reason}}}"]
 
 
 def wait_load(http: httpx.Client, ok: Any, timeout: float = 30.0) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from kvserve import _core
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import ServerProcess
+from serving import cpu_flags, served
 
 BLOCK = 4
 
@@ -26,26 +27,8 @@ BLOCK = 4
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
     # a small pool: the workload below evicts, so evicted events are exercised too
-    proc = ServerProcess(
-        [
-            "--model",
-            str(tiny_llama_dir),
-            "--device",
-            "cpu",
-            "--kv-cache-memory",
-            "96KiB",
-            "--block-size",
-            str(BLOCK),
-            "--max-model-len",
-            "128",
-            "--seed",
-            "3",
-        ]
-    ).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(cpu_flags(tiny_llama_dir, "96KiB", "--block-size", str(BLOCK),
+                                "--max-model-len", "128", "--seed", "3"))
 
 
 class Follower:
@@ -149,16 +132,7 @@ def test_events_rebuild_the_cache(server: ServerProcess) -> None:
 def test_events_and_load_need_the_api_key(tiny_llama_dir: Path) -> None:
     with (
         ServerProcess(
-            [
-                "--model",
-                str(tiny_llama_dir),
-                "--device",
-                "cpu",
-                "--kv-cache-memory",
-                "1MiB",
-                "--metrics-port",
-                "-1",
-            ],
+            cpu_flags(tiny_llama_dir, "1MiB", "--metrics-port", "-1"),
             env={"KVSERVE_API_KEY": "sekrit"},
         ) as proc,
         proc.channel() as channel,

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from kvserve import LLM
 from kvserve.bench.perplexity import perplexity
 
@@ -14,16 +12,6 @@ TEXT = Path(__file__).parent / "data" / "alice_ch1_2.txt"
 # A 2048-token slice of the 5.9k-token text keeps the test near a minute on 2 cores; the
 # full 4096-token figure is in benches/RESULTS.md (benches/bench_kv_fp8_cpu.py).
 TOKENS = 2048
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    from kvserve.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except RuntimeError as exc:  # no network and not installed
-        pytest.skip(f"default model unavailable: {exc}")
 
 
 def _perplexity(path: Path, kv_cache_dtype: str) -> float:

@@ -8,17 +8,8 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.default_model import default_model_path
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def smollm2_gguf() -> Path:
-    try:
-        return default_model_path()
-    except RuntimeError as exc:  # no network and not installed
-        pytest.skip(f"default model unavailable: {exc}")
 
 
 def test_gguf_tokenizer_matches_transformers(smollm2_gguf: Path) -> None:

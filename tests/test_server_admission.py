@@ -4,51 +4,27 @@ the whole KV pool are refused at once with RESOURCE_EXHAUSTED and a retry-after 
 from __future__ import annotations
 
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import KVSERVE_SERVER, ServerProcess
-
-# 12 blocks of 16 tokens: a prompt plus max_tokens over 192 tokens can never run here
-FLAGS = [
-    "--device",
-    "cpu",
-    "--kv-cache-memory",
-    "96KiB",
-    "--max-model-len",
-    "256",
-    "--max-num-seqs",
-    "1",
-    "--max-waiting",
-    "2",
-]
+from serving import SMALL_POOL_FLAGS, scrape, served
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
     # kvserve-server, the deployment entry point (test_server_api runs `kvserve serve`)
-    proc = ServerProcess(["--model", str(tiny_llama_dir), *FLAGS], command=KVSERVE_SERVER)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(["--model", str(tiny_llama_dir), *SMALL_POOL_FLAGS],
+                      command=KVSERVE_SERVER)
 
 
 def rejected(server: ServerProcess, reason: str) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        for family in text_string_to_metric_families(r.read().decode()):
-            for s in family.samples:
-                if s.name == "kvserve_requests_rejected_total" and s.labels["reason"] == reason:
-                    return s.value
-    raise AssertionError("no kvserve_requests_rejected_total sample for " + reason)
+    return scrape(server)[f"kvserve_requests_rejected_total{{reason={reason}}}"]
 
 
 def req(rid: str, max_tokens: int) -> pb.GenerateRequest:

@@ -10,7 +10,6 @@ import asyncio
 import math
 import random
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,77 +18,31 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.proto import pb
 from kvserve.server.proto.decode import _lenient_class
 from kvserve.server.proto.service import SERVICE_NAME, KvServeStub
 from kvserve.server.testing import ServerProcess
-
-MAX_MODEL_LEN = 256
-ENGINE_FLAGS = [
-    "--device",
-    "cpu",
-    "--kv-cache-memory",
-    "4MiB",
-    "--max-model-len",
-    str(MAX_MODEL_LEN),
-    "--max-num-seqs",
-    "64",
-    "--seed",
-    "7",
-]
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "paged",
-    "attention",
-    "blocks",
-    "scheduler",
-    "prefix",
-    "caching",
-    "requests",
-    "share",
-    "prompt",
-    "keys",
-    "values",
-    "engine",
-    "step",
-    "sequences",
-]
-
-
-def random_prompt(rng: random.Random, lo: int = 3, hi: int = 12) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+from serving import (
+    ENGINE_FLAGS,
+    MAX_MODEL_LEN,
+    WORDS,
+    random_prompt,
+    reference_llm,
+    scrape,
+    served,
+)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
     # `kvserve serve` (the other modules run the kvserve-server entry point)
-    proc = ServerProcess(["--model", str(tiny_llama_dir), *ENGINE_FLAGS]).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(["--model", str(tiny_llama_dir), *ENGINE_FLAGS])
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_llama_dir: Path) -> Any:
-    from kvserve import LLM
-
-    return LLM(
-        str(tiny_llama_dir),
-        device="cpu",
-        kv_cache_memory="4MiB",
-        max_model_len=MAX_MODEL_LEN,
-        seed=7,
-    )
+    return reference_llm(tiny_llama_dir)
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +71,6 @@ def collect(responses: Any) -> tuple[list[int], str, pb.GenerateResponse, list[p
 
 def reason_name(msg: pb.GenerateResponse) -> str:
     return pb.FinishReason.Name(msg.finish_reason).removeprefix("FINISH_REASON_").lower()
-
-
-def scrape(server: ServerProcess) -> dict[str, float]:
-    """Every sample of /metrics as "name{label=value,...}" -> value."""
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
 
 
 def wait_idle(stub: KvServeStub, timeout: float = 10.0) -> pb.GetLoadResponse:

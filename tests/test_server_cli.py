@@ -13,6 +13,7 @@ import pytest
 from kvserve.server.app import host_port
 from kvserve.server.config import ServerConfig, ServerConfigError
 from kvserve.server.testing import KVSERVE_SERVER
+from serving import cpu_flags
 
 
 def run_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -67,17 +68,7 @@ def test_missing_model_and_busy_port_exit_1_with_a_clear_error(tiny_llama_dir: P
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        res = run_server(
-            "--model",
-            str(tiny_llama_dir),
-            "--device",
-            "cpu",
-            "--kv-cache-memory",
-            "1MiB",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "-1",
-        )
+        res = run_server(*cpu_flags(tiny_llama_dir, "1MiB", "--port", str(port),
+                                    "--metrics-port", "-1"))
     assert res.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in res.stderr

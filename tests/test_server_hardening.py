@@ -20,6 +20,7 @@ import pytest
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import ServerProcess
+from serving import cpu_flags, served
 
 HUGE = "ab " * 1747626  # 5.2 MB, far over max_model_len
 # Mistral-style: roles must alternate user/assistant, else raise_exception
@@ -45,12 +46,7 @@ def model_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path) -> Iterator[ServerProcess]:
-    flags = ["--device", "cpu", "--kv-cache-memory", "2MiB", "--max-model-len", "512"]
-    proc = ServerProcess(["--model", str(model_dir), *flags]).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(cpu_flags(model_dir, "2MiB", "--max-model-len", "512"))
 
 
 @pytest.fixture(scope="module")

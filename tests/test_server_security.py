@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,11 +10,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import KVSERVE_SERVER, ServerProcess, write_self_signed
+from serving import cpu_flags, scrape, served
 
 pytest.importorskip("cryptography", reason="the test certificate is made with cryptography")
 
@@ -31,30 +30,10 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tls_files: tuple[Path, Path]) -> Iterator[ServerProcess]:
     cert, key = tls_files
-    proc = ServerProcess(
-        [
-            "--model",
-            str(tiny_llama_dir),
-            "--device",
-            "cpu",
-            "--kv-cache-memory",
-            "1MiB",
-            "--max-model-len",
-            "128",
-            "--tls-cert",
-            str(cert),
-            "--tls-key",
-            str(key),
-            "--max-message-bytes",
-            str(MAX_MESSAGE),
-        ],
-        env={"KVSERVE_API_KEY": API_KEY},  # the key never appears on the command line
-        command=KVSERVE_SERVER,
-    ).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    flags = cpu_flags(tiny_llama_dir, "1MiB", "--max-model-len", "128", "--tls-cert", str(cert),
+                      "--tls-key", str(key), "--max-message-bytes", str(MAX_MESSAGE))
+    # the key never appears on the command line
+    yield from served(flags, env={"KVSERVE_API_KEY": API_KEY}, command=KVSERVE_SERVER)
 
 
 @pytest.fixture(scope="module")
@@ -69,15 +48,7 @@ def auth(key: str) -> tuple[tuple[str, str], ...]:
 
 
 def unauthenticated_total(server: ServerProcess) -> float:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        for family in text_string_to_metric_families(r.read().decode()):
-            for s in family.samples:
-                if (
-                    s.name == "kvserve_requests_rejected_total"
-                    and s.labels["reason"] == "unauthenticated"
-                ):
-                    return s.value
-    raise AssertionError("missing kvserve_requests_rejected_total{reason=unauthenticated}")
+    return scrape(server)["kvserve_requests_rejected_total{reason=unauthenticated}"]
 
 
 def test_listens_on_loopback_by_default(server: ServerProcess) -> None:

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import KVSERVE_SERVER, ServerProcess
+from serving import WORDS, scrape, served
 
 N_REQUESTS = 2000
 CONCURRENCY = 48
@@ -36,42 +35,11 @@ FLAGS = [
     "--max-num-batched-tokens",
     "256",
 ]
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "lazy",
-    "dog",
-    "blocks",
-    "prefix",
-    "cache",
-    "engine",
-    "step",
-]
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(["--model", str(tiny_llama_dir), *FLAGS], command=KVSERVE_SERVER)
-    proc.start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
-
-
-def scrape(server: ServerProcess) -> dict[str, float]:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as r:
-        text = r.read().decode()
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = s.name + "".join(f"[{v}]" for _, v in sorted(s.labels.items()))
-            out[key] = s.value
-    return out
+    yield from served(["--model", str(tiny_llama_dir), *FLAGS], command=KVSERVE_SERVER)
 
 
 def test_soak_with_random_cancels_loses_nothing(
@@ -153,16 +121,18 @@ def test_soak_with_random_cancels_loses_nothing(
     def delta(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    completed = delta("kvserve_requests_finished_total[length]") + delta(
-        "kvserve_requests_finished_total[stop]"
+    completed = delta("kvserve_requests_finished_total{reason=length}") + delta(
+        "kvserve_requests_finished_total{reason=stop}"
     )
-    cancelled = delta("kvserve_requests_finished_total[cancelled]")
+    cancelled = delta("kvserve_requests_finished_total{reason=cancelled}")
     # every request reached the engine (each sent a message) and ended there exactly once;
     # a cancel may race the final message, so the server can count a few more completions
     assert completed + cancelled == N_REQUESTS
     assert counts["completed"] <= completed <= counts["completed"] + counts["cancelled"]
-    assert delta("kvserve_requests_finished_total[error]") == 0
-    assert delta("kvserve_requests_rejected_total[at_capacity]") == 0
+    assert delta("kvserve_requests_finished_total{reason=error}") == 0
+    assert delta("kvserve_requests_rejected_total{reason=at_capacity}") == 0
     assert (
-        delta("kvserve_preemptions_total[recompute]") + delta("kvserve_preemptions_total[swap]") > 0
+        delta("kvserve_preemptions_total{mode=recompute}")
+        + delta("kvserve_preemptions_total{mode=swap}")
+        > 0
     )

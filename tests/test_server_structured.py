@@ -14,6 +14,7 @@ import pytest
 from kvserve.server.proto import pb
 from kvserve.server.proto.service import KvServeStub
 from kvserve.server.testing import ServerProcess
+from serving import cpu_flags, served
 
 SCHEMA = {"type": "object", "properties": {
     "city": {"type": "string", "maxLength": 10},
@@ -24,13 +25,8 @@ SCHEMA = {"type": "object", "properties": {
 
 @pytest.fixture(scope="module")
 def server(tiny_smollm2_vocab_dir: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(["--model", str(tiny_smollm2_vocab_dir), "--device", "cpu",
-                          "--kv-cache-memory", "8MiB", "--max-model-len", "256",
-                          "--seed", "3"]).start()
-    try:
-        yield proc
-    finally:
-        assert proc.stop() == 0, proc.log()
+    yield from served(cpu_flags(tiny_smollm2_vocab_dir, "8MiB", "--max-model-len", "256",
+                                "--seed", "3"))
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,11 @@ class Plan:
         """The previous plan's id when this plan is its forward one step on (same decode
         rows one position further, fed the tokens its commit took, same block table,
         nothing to swap or copy); None otherwise."""
+    @property
+    def advances_in_place(self) -> bool:
+        """Decode-only, nothing to swap or copy, and every row's next position lies in the
+        block its current one does and below max_model_len: the next step writes each
+        row's K/V to the slot after this step's (a step run ahead may be launched)."""
 
 @final
 class StepOutput:
@@ -147,8 +152,11 @@ class Core:
         self, token: int, max_steps: int
     ) -> tuple[int, npt.NDArray[np.int64]]: ...
     def run_steady(self, max_steps: int, token: int) -> int: ...
-    def finish(self, request_id: str, reason: str) -> bool: ...
-    def abort(self, request_id: str) -> bool: ...
+    def finish(self, request_id: str, reason: str) -> int | None:
+        """End a live request; the prompt tokens it had served from the prefix cache, or
+        None when the id is not live."""
+    def abort(self, request_id: str) -> int | None:
+        """Free everything a live request holds; its handle, or None when not live."""
     def has_unfinished(self) -> bool: ...
     def metrics(self) -> dict[str, int | float]: ...
     def request_stats(self, request_id: str) -> dict[str, int | str]: ...

@@ -8,11 +8,13 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from kvserve.engine import LLMEngine, StepListener
 from kvserve.engine_args import EngineArgs
 from kvserve.outputs import RequestOutput
+from kvserve.request_state import RequestState
 from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import Tokenizer
 
@@ -23,13 +25,23 @@ log = logging.getLogger(__name__)
 PROMPT_WORKERS = 2
 
 
+@dataclass
+class _Stream:
+    """Where a queued request's deltas go."""
+
+    request_id: str
+    queue: asyncio.Queue[RequestOutput]
+
+
 class AsyncEngine:
     """Loads the model at construction; `start()` launches the step loop in a thread so the
     event loop never waits on the forward pass."""
 
     def __init__(self, args: EngineArgs) -> None:
         self.engine = LLMEngine(args)
-        self._streams: dict[str, asyncio.Queue[RequestOutput]] = {}
+        # Open streams by the core's handle (the one key of a live request in Python),
+        # registered under the engine lock as the request is queued.
+        self._streams: dict[int, _Stream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -59,8 +71,8 @@ class AsyncEngine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
             self._thread = None
-        for request_id in list(self._streams):
-            self.abort(request_id)
+        for stream in list(self._streams.values()):
+            self.abort(stream.request_id)
         if self._prompt_pool is not None:
             self._prompt_pool.shutdown(wait=False, cancel_futures=True)
             self._prompt_pool = None
@@ -82,39 +94,43 @@ class AsyncEngine:
         if not engine.admitting():
             raise engine.at_capacity_error()
         request_id = request_id or uuid.uuid4().hex
-        if request_id in self._streams:
-            raise engine.invalid_request_error(f"request_id: {request_id!r} is already in use")
         engine.check_params(params)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._streams[request_id] = queue
-        finished = added = False
+        stream = _Stream(request_id, asyncio.Queue())
+        queued = self._prompt_pool.submit(self._add, stream, prompt, params, prompt_token_ids,
+                                          messages, cache_salt)
         try:
-            queued = self._prompt_pool.submit(self._add, request_id, prompt, params,
-                                              prompt_token_ids, messages, cache_salt)
-            try:
-                await asyncio.wrap_future(queued)
-            except BaseException:  # cancelled or closed: it may still be queued; abort it then
-                queued.add_done_callback(lambda f: _abort_if_added(engine, request_id, f))
-                raise
-            added = True
+            handle = await asyncio.wrap_future(queued)
+        except BaseException:  # cancelled or closed: it may still be queued; abort it then
+            queued.add_done_callback(lambda f: self._abort_if_added(request_id, f))
+            raise
+        if self._stop:  # shut down while it was being queued: its stream ends at once
+            self.abort(request_id)
+        finished = False
+        try:
             while True:
-                item = await queue.get()
+                item = await stream.queue.get()
                 finished = item.finished
                 yield item
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
-            if added and not finished:
+            if self._streams.pop(handle, None) is not None and not finished:
                 engine.abort(request_id)
 
-    def _add(self, request_id: str, prompt: str | None, params: SamplingParams,
+    def _add(self, stream: _Stream, prompt: str | None, params: SamplingParams,
              prompt_token_ids: list[int] | None, messages: list[dict[str, Any]] | None,
-             cache_salt: str | None) -> None:
+             cache_salt: str | None) -> int:
+        """Encode and queue a request (on a worker thread); its handle."""
         ids = self.engine.encode_prompt(prompt, prompt_token_ids, messages)
         grammar = self.engine.compile_grammar(params)
-        self.engine.add_encoded(request_id, ids, params, cache_salt, grammar)
+
+        def register(state: RequestState) -> None:
+            self._streams[state.handle] = stream
+
+        state = self.engine.add_encoded(stream.request_id, ids, params, cache_salt, grammar,
+                                        on_added=register)
         self._wake.set()
+        return state.handle
 
     async def tokenize(self, text: str | None, messages: list[dict[str, Any]] | None,
                        add_special_tokens: bool | None = None) -> list[int]:
@@ -137,12 +153,15 @@ class AsyncEngine:
         return self.engine.num_unfinished()
 
     def abort(self, request_id: str) -> bool:
-        found = self.engine.abort(request_id)
-        queue = self._streams.pop(request_id, None)
-        if queue is not None and self._loop is not None:
+        """End a live request; its stream gets a final "abort" item. False when not live."""
+        handle = self.engine.abort_request(request_id)
+        if handle is None:
+            return False
+        stream = self._streams.pop(handle, None)
+        if stream is not None and self._loop is not None:
             final = RequestOutput(request_id, finished=True, finish_reason="abort")
-            self._loop.call_soon_threadsafe(queue.put_nowait, final)
-        return found
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, final)
+        return True
 
     def load(self) -> dict[str, Any]:
         m = self.engine.metrics()
@@ -175,20 +194,21 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                deltas = self.engine.step()
+                deltas = self.engine.step_by_handle()
             except Exception:  # keep the loop alive; the failure is logged
                 log.exception("engine step raised")
                 continue
             if deltas and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._deliver, deltas)
 
-    def _deliver(self, deltas: list[RequestOutput]) -> None:
-        for d in deltas:
-            queue = self._streams.get(d.request_id)
-            if queue is not None:
-                queue.put_nowait(d)
+    def _deliver(self, deltas: dict[int, RequestOutput]) -> None:
+        for handle, d in deltas.items():
+            stream = self._streams.get(handle)
+            if stream is not None:
+                stream.queue.put_nowait(d)
 
-
-def _abort_if_added(engine: LLMEngine, request_id: str, queued: Future[None]) -> None:
-    if not queued.cancelled() and queued.exception() is None:
-        engine.abort(request_id)
+    def _abort_if_added(self, request_id: str, queued: Future[int]) -> None:
+        """A request whose stream was left while it was being queued: drop both."""
+        if not queued.cancelled() and queued.exception() is None:
+            self._streams.pop(queued.result(), None)
+            self.engine.abort(request_id)

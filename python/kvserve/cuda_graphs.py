@@ -9,8 +9,10 @@ sequence's host-side length bound and the kernels read the true lengths on the d
 
 Run-ahead (greedy decode): the host's work between two steps (read the tokens, commit,
 schedule, upload, launch) leaves the GPU idle between steps. When every sampled row is
-greedy (the caller says so) and no row's next position starts a new block, `run` launches
-the next step right behind this one: a small kernel turns this step's inputs into the next
+greedy (the caller says so) and the core says no row's next position starts a new block
+(`Plan.advances_in_place`: decode-only, nothing to swap or copy, every row's next position
+in the block it is in and below max_model_len), `run` launches the next step right behind
+this one: a small kernel turns this step's inputs into the next
 one's on the device (the argmax as input id, every position and slot one on), then the same
 graph replays. The core says whether the next plan is exactly that step
 (`Plan.continues_plan_id`: the same rows, fed the tokens this step chose, positions and
@@ -27,13 +29,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionMetadata
 from kvserve.model import decoder_ops
+
+if TYPE_CHECKING:
+    from kvserve._core import Plan
 
 log = logging.getLogger(__name__)
 _MAX_TABLE_UPLOAD = 1 << 20  # bytes of whole block-table rows worth one upload per step
@@ -94,7 +99,6 @@ class DecodeGraphs:
         self._uploaded = torch.cuda.Event()  # the host buffer is reused once this passed
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.last_greedy: torch.Tensor | None = None
-        self.block_size = block_size
         self._ahead: _Ahead | None = None
         self._h_greedy = torch.zeros(n, dtype=torch.int64).pin_memory()
         self._greedy_copied = torch.cuda.Event()
@@ -155,12 +159,12 @@ class DecodeGraphs:
         """Forget a step launched ahead (the next plan runs eagerly)."""
         self._ahead = None
 
-    def can_run(self, plan: Any) -> bool:
+    def can_run(self, plan: Plan) -> bool:
         n = int(plan.num_seqs)
         decode_only = int(plan.num_decodes) == n == int(plan.num_tokens)
         return 0 < n <= self.sizes[-1] and decode_only and plan.logits_indices.shape[0] == n
 
-    def run(self, plan: Any, greedy_only: bool = False) -> torch.Tensor:
+    def run(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor:
         """Replay the smallest graph that holds the batch; fp32 logits of its n rows.
 
         last_greedy is then their argmax (int64 [n]), computed in the graph: on the device,
@@ -176,7 +180,7 @@ class DecodeGraphs:
             self.steps_ahead_used += 1  # this step already ran (or is running)
         else:
             self._replay(plan, n, bs)
-        if not (greedy_only and RUN_AHEAD and self._may_run_ahead(plan)):
+        if not (greedy_only and RUN_AHEAD and plan.advances_in_place):
             self.last_greedy = greedy[:n]
             return logits[:n]  # a decode-only step samples every row, in order
         from kvserve.kernels import decoder_kernels  # CUDA only; imported where it runs
@@ -194,16 +198,7 @@ class DecodeGraphs:
         self.last_greedy = torch.from_numpy(tokens)
         return logits[:n]
 
-    def _may_run_ahead(self, plan: Any) -> bool:
-        """Every row's next position lies in the block its current one does, within
-        max_model_len, and the plan moves no blocks (see the module docstring)."""
-        nxt = plan.positions + 1
-        return bool(np.all(nxt & (self.block_size - 1) != 0)
-                    and np.all(nxt < self.max_model_len)
-                    and len(plan.swap_out) == 0 and len(plan.swap_in) == 0
-                    and len(plan.copies) == 0)
-
-    def _replay(self, plan: Any, n: int, bs: int) -> None:
+    def _replay(self, plan: Plan, n: int, bs: int) -> None:
         """Upload the plan's inputs into the static buffers and replay graph bs."""
         width = plan.block_table.shape[1]
         self._uploaded.synchronize()  # the previous step's upload has left the host buffer

@@ -29,6 +29,7 @@ from kvserve.stop_strings import StopStringMatcher
 if TYPE_CHECKING:  # xgrammar loads at the first structured request
     from xgrammar import GrammarMatcher
 
+    from kvserve._core import Core, Plan, StepOutput
     from kvserve.grammar import GrammarCompiler
     from kvserve.model.config import ModelConfig
 
@@ -115,12 +116,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return a delta for every request that got a token or finished."""
+        return list(self.step_by_handle().values())
+
+    def step_by_handle(self) -> dict[int, RequestOutput]:
+        """`step`, its deltas keyed by the core's handle of their request."""
         start = time.perf_counter()
         with self._lock:
             plan = self.core.schedule()
             rows = [self._requests[h] for h in plan.sample_handles.tolist()]
         if plan.num_seqs == 0:
-            return []
+            return {}
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
             assert logits is not None  # a plan with sequences has tokens
@@ -138,23 +143,24 @@ class LLMEngine:
         self._notify(plan, time.perf_counter() - start)
         return deltas
 
-    def _collect(self, out: Any, logprobs: dict[int, Any]) -> list[RequestOutput]:
+    def _collect(self, out: StepOutput, logprobs: dict[int, Any]) -> dict[int, RequestOutput]:
         deltas: dict[int, RequestOutput] = {}
         for handle, token in zip(out.handles.tolist(), out.token_ids.tolist()):
             state = self._requests.get(handle)
             if state is None:  # aborted while the forward ran
                 continue
             deltas[handle], hit_stop = state.append(token, logprobs.get(handle))
-            if hit_stop and self.core.finish(state.request_id, "stop"):
-                # Ended here, not in the commit: its stats are the core's record of it.
-                stats = self.core.request_stats(state.request_id)
-                self._end(state, deltas[handle], "stop", int(stats["cached_prompt_tokens"]))
+            if hit_stop:
+                # Ended here, not in the commit: the core reports its cached prompt tokens.
+                cached = self.core.finish(state.request_id, "stop")
+                if cached is not None:
+                    self._end(state, deltas[handle], "stop", cached)
         for handle, reason, cached in zip(out.finished_handles.tolist(), out.finish_reasons,
                                           out.finished_cached_prompt_tokens.tolist()):
             state = self._requests.get(handle)
             if state is not None:
                 self._end(state, deltas[handle], reason, cached)
-        return list(deltas.values())
+        return deltas
 
     def _end(self, state: RequestState, delta: RequestOutput, reason: str,
              cached_prompt_tokens: int) -> None:
@@ -179,27 +185,37 @@ class LLMEngine:
 
     def admitting(self) -> bool:
         """Whether the waiting queue has room, asked of the core without the engine lock: the
-        binding holds the GIL through every call, so the count is one consistent read; it
-        may be a moment old, which is all a pre-check needs (the core's add_request is the
-        authority)."""
-        return int(self.core.num_waiting) < self.args.max_waiting
+        count is one consistent read; it may be a moment old, which is all a pre-check needs
+        (the core's add_request is the authority)."""
+        return self._read_unlocked(lambda c: c.num_waiting) < self.args.max_waiting
 
     def num_unfinished(self) -> int:
         """Requests waiting, swapped or running, read like `admitting` (no lock)."""
-        core = self.core
-        return int(core.num_waiting) + int(core.num_swapped) + int(core.num_running)
+        return self._read_unlocked(lambda c: c.num_waiting + c.num_swapped + c.num_running)
+
+    def _read_unlocked(self, read: Callable[[Core], int]) -> int:
+        """A core counter read without the engine lock. The binding refuses it (RuntimeError)
+        while the step thread is inside a mutating core call that let the GIL go (building
+        its result objects can run Python code); then it is read under the lock."""
+        try:
+            return int(read(self.core))
+        except RuntimeError:
+            with self._lock:
+                return int(read(self.core))
 
     def at_capacity_error(self) -> Exception:
         from kvserve import _core
 
+        waiting = self._read_unlocked(lambda c: c.num_waiting)
         return _core.AtCapacityError(
-            f"at capacity: {int(self.core.num_waiting)} requests waiting "
+            f"at capacity: {waiting} requests waiting "
             f"(max_waiting={self.args.max_waiting}); retry later")
 
     def encode_prompt(self, prompt: str | None, ids: list[int] | None,
                       messages: list[dict[str, Any]] | None) -> list[int]:
-        """The prompt's token ids, checked against max_model_len. Takes no lock and touches
-        no request state, so it may run on any thread (the AsyncEngine runs it off the loop)."""
+        """The prompt's token ids (a text far over max_model_len is refused before it is
+        tokenized; the core checks the ids' length). Takes no lock and touches no request
+        state, so it may run on any thread (the AsyncEngine runs it off the loop)."""
         given = [x is not None for x in (prompt, ids, messages)]
         if sum(given) != 1:
             raise self.invalid_request_error(
@@ -220,10 +236,6 @@ class LLMEngine:
                     f"prompt_token_ids: token id {bad[0]} outside [0, {self.vocab_size})")
         if not ids:
             raise self.invalid_request_error("prompt: must not be empty")
-        if len(ids) >= self.max_model_len:
-            raise self.invalid_request_error(
-                f"prompt: {len(ids)} tokens; must be shorter than max_model_len "
-                f"({self.max_model_len})")
         return ids
 
     def _encode(self, field_name: str, text: str, add_special_tokens: bool) -> list[int]:
@@ -240,10 +252,12 @@ class LLMEngine:
         return self.grammars.matcher(params.structured) if params.structured else None
 
     def add_encoded(self, request_id: str | None, ids: list[int], params: SamplingParams,
-                    cache_salt: str | None = None,
-                    grammar: GrammarMatcher | None = None) -> RequestState:
+                    cache_salt: str | None = None, grammar: GrammarMatcher | None = None,
+                    on_added: Callable[[RequestState], None] | None = None) -> RequestState:
         """Queue a request whose prompt `encode_prompt` made, whose params `check_params`
-        passed and whose grammar `compile_grammar` built."""
+        passed and whose grammar `compile_grammar` built. The core validates what it owns
+        (max_model_len, min_tokens against max_tokens, a live duplicate id). `on_added` runs
+        under the engine lock once it is queued, before any step can produce its output."""
         max_tokens = params.max_tokens or self.max_model_len - len(ids)
         eos = [] if params.ignore_eos else self.tokenizer.eos_token_ids
         stop_ids = list(dict.fromkeys([*(params.stop_token_ids or []), *eos[1:]]))
@@ -265,6 +279,8 @@ class LLMEngine:
                                         *(params.stop_token_ids or [])],
                 grammar=grammar)
             self._requests[handle] = state
+            if on_added is not None:
+                on_added(state)
         return state
 
     @property
@@ -279,15 +295,16 @@ class LLMEngine:
             return self._grammars
 
     def abort(self, request_id: str) -> bool:
+        """End a live request now; False when the id is not live."""
+        return self.abort_request(request_id) is not None
+
+    def abort_request(self, request_id: str) -> int | None:
+        """`abort`, returning the core's handle of the request it ended (None: not live)."""
         with self._lock:
-            try:
-                # A live id's handle, or a recently ended one's: handles are never reused,
-                # so popping an ended request's handle drops nothing.
-                handle = int(self.core.request_stats(request_id)["handle"])
-            except KeyError:  # unknown to the core, so not live here either
-                return False
-            self._requests.pop(handle, None)
-            return bool(self.core.abort(request_id))
+            handle = self.core.abort(request_id)
+            if handle is not None:
+                self._requests.pop(handle, None)
+            return handle
 
     def close(self) -> None:
         """Abort what is left and free the device memory (model, KV cache, graphs)."""
@@ -299,18 +316,18 @@ class LLMEngine:
         with self._lock:
             return bool(self._requests) or bool(self.core.has_unfinished())
 
-    def _fail(self, plan: Any, message: str) -> list[RequestOutput]:
-        deltas = []
+    def _fail(self, plan: Plan, message: str) -> dict[int, RequestOutput]:
+        deltas = {}
         with self._lock:
             for h in plan.handles.tolist():
                 state = self._requests.pop(h, None)
                 if state is None:
                     continue
                 self.core.abort(state.request_id)
-                deltas.append(RequestOutput(state.request_id, finished=True,
-                                            finish_reason="error", error=message,
-                                            num_prompt_tokens=len(state.prompt_token_ids),
-                                            num_completion_tokens=len(state.output_token_ids)))
+                deltas[h] = RequestOutput(state.request_id, finished=True,
+                                          finish_reason="error", error=message,
+                                          num_prompt_tokens=len(state.prompt_token_ids),
+                                          num_completion_tokens=len(state.output_token_ids))
             # Every row's request is gone now, so the commit only closes the plan.
             self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
         return deltas
@@ -349,7 +366,7 @@ class LLMEngine:
                 "kv_cache_dtype": kv_dtype_name(getattr(self.runner, "kv_dtype", self.dtype)),
                 "kv_bytes_per_token": self.runner.kv_bytes_per_token}
 
-    def _notify(self, plan: Any, duration: float) -> None:
+    def _notify(self, plan: Plan, duration: float) -> None:
         if not self._listeners or plan.num_seqs == 0:
             return
         nd, nt = int(plan.num_decodes), int(plan.num_tokens)

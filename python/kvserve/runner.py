@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvserve.attention import kv_quant
@@ -14,7 +16,25 @@ from kvserve.cuda_graphs import DecodeGraphs
 from kvserve.model import Checkpoint, build_model
 from kvserve.model.llama import Attention
 
+if TYPE_CHECKING:
+    from kvserve._core import Plan
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A step built by hand for the forward alone (bench/perplexity.py: one sequence's
+    prefill chunk); the engine's steps are `_core.Plan`s, which carry the same columns."""
+
+    input_ids: npt.NDArray[np.int64]
+    positions: npt.NDArray[np.int64]
+    slot_mapping: npt.NDArray[np.int64]
+    query_start_loc: npt.NDArray[np.int32]
+    seq_lens: npt.NDArray[np.int32]
+    block_table: npt.NDArray[np.int32]
+    logits_indices: npt.NDArray[np.int64]
+    num_decodes: int = 0
 
 
 def host_tensor(table: np.ndarray) -> torch.Tensor:
@@ -157,7 +177,7 @@ class ModelRunner:
         return budget
 
     @torch.inference_mode()
-    def execute(self, plan: Any, greedy_only: bool = False) -> torch.Tensor | None:
+    def execute(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor | None:
         """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows.
 
         greedy_only: the caller reads only last_greedy (every row greedy, no logprobs), so a
@@ -175,6 +195,11 @@ class ModelRunner:
             return logits
         if self.graphs is not None:
             self.graphs.drop_ahead()
+        return self.forward(plan)
+
+    @torch.inference_mode()
+    def forward(self, plan: Plan | StepInputs) -> torch.Tensor:
+        """The eager forward of a step's tokens; fp32 logits of its logits_indices rows."""
         dev = self.device
         qsl = torch.from_numpy(plan.query_start_loc)
         seq_lens = torch.from_numpy(plan.seq_lens)

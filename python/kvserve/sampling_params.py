@@ -73,8 +73,8 @@ class SamplingParams:
             _integer(self.seed, "seed", "an integer in [0, 2**63)", lambda v: 0 <= v < 2**63)
         if self.max_tokens is not None:
             _integer(self.max_tokens, "max_tokens", ">= 1", lambda v: v >= 1)
-        _integer(self.min_tokens, "min_tokens", ">= 0 and <= max_tokens",
-                 lambda v: v >= 0 and (self.max_tokens is None or v <= self.max_tokens))
+        # Against max_tokens (the request's, or what max_model_len leaves) the core checks it.
+        _integer(self.min_tokens, "min_tokens", ">= 0", lambda v: v >= 0)
         for s in self.stop_list:
             _check(isinstance(s, str) and s != "", "stop", "must hold non-empty strings", s)
         for t in self.stop_token_ids or []:

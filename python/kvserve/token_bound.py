@@ -67,7 +67,7 @@ def token_bound(hf: HFTokenizer) -> TokenBound | None:
     dropped = b""
     if byte_level and model.get("unk_token") is None:
         unknown_bytes = 0  # every byte is its own symbol, or dropped
-        dropped = bytes(sorted(b for b, c in _byte_chars().items() if c not in vocab))
+        dropped = bytes(sorted(b for b, c in bytes_to_unicode().items() if c not in vocab))
     elif model.get("byte_fallback") and every_byte <= vocab.keys():
         unknown_bytes = 1  # an unknown character becomes its bytes' tokens
     elif model.get("unk_token") is not None and not model.get("fuse_unk"):
@@ -116,7 +116,15 @@ def _uses(spec: dict[str, Any] | None, kind: str) -> bool:
     return spec.get("type") == kind
 
 
-def _byte_chars() -> dict[int, str]:
-    from kvserve.tokenizer import bytes_to_unicode  # tokenizer.py imports this module
-
-    return bytes_to_unicode()
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))

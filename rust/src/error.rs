@@ -9,15 +9,15 @@ pub enum CoreError {
     #[error("invalid config: {field}: {msg}")]
     Config { field: &'static str, msg: String },
 
-    /// A bad request or commit field; `field` names it.
-    #[error("invalid request: {field}: {msg}")]
+    /// A bad request or commit field; `field` names it, first (callers match on it).
+    #[error("{field}: {msg}")]
     InvalidRequest { field: &'static str, msg: String },
 
     /// A request that could not run even alone in an empty cache (its prompt plus
     /// `max_tokens` needs more GPU blocks than the pool has); `field` names the field to
     /// shrink. Rejected at admission so it can never be preempted forever. The text keeps
     /// "could never run" (the gRPC server matches it).
-    #[error("invalid request: {field}: {msg}")]
+    #[error("{field}: {msg}")]
     RequestTooLarge { field: &'static str, msg: String },
 
     /// The waiting queue already holds `max_waiting` requests; nothing was queued.

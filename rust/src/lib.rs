@@ -22,4 +22,4 @@ pub use config::{Config, PreemptionMode};
 pub use error::{CoreError, CoreResult};
 pub use plan::{Plan, StepOutput};
 pub use request::RequestParams;
-pub use scheduler::{RequestStats, Scheduler};
+pub use scheduler::{Ended, RequestStats, Scheduler};

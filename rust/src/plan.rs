@@ -31,6 +31,28 @@ pub struct Plan {
     /// the same block table, nothing to swap or copy (a decode step run ahead on the
     /// device is then this plan's step). None otherwise.
     pub continues_plan_id: Option<u64>,
+    /// Decode-only, nothing to swap or copy, and every row's next position lies in the
+    /// block its current one does and below max_model_len: the step after this one
+    /// writes each row's K/V to the slot after this step's. A step run ahead on the
+    /// device (inputs advanced by one) then writes only where the next plan would.
+    pub advances_in_place: bool,
+}
+
+impl Plan {
+    /// Sets `advances_in_place` from the plan's columns (the rule lives here alone).
+    pub(crate) fn set_advances_in_place(&mut self, block_size: usize, max_model_len: usize) {
+        let mask = block_size as i64 - 1;
+        let limit = max_model_len as i64;
+        self.advances_in_place = self.num_seqs > 0
+            && self.num_decodes == self.num_seqs
+            && self.swap_out.is_empty()
+            && self.swap_in.is_empty()
+            && self.copies.is_empty()
+            && self
+                .positions
+                .iter()
+                .all(|&p| (p + 1) & mask != 0 && p + 1 < limit);
+    }
 }
 
 /// What a commit appended and who finished.

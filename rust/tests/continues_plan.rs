@@ -4,7 +4,8 @@
 //! the next plan's forward exactly when that plan is decode-only, moves no blocks and has
 //! those input ids, positions, slots, lengths and block table. On random workloads, with
 //! the steady-batch path on and off, the core's field names P exactly when the comparison
-//! matches.
+//! matches. `Plan::advances_in_place` likewise against the rule the run-ahead used to
+//! apply itself before launching a step ahead.
 
 mod common;
 
@@ -49,6 +50,29 @@ fn old_comparison(a: &Ahead, plan: &Plan, table: &[i32]) -> bool {
         && table == a.block_table
 }
 
+/// The old run-ahead precondition: every row's next position in the block it is in and
+/// below max_model_len, and the plan moves no blocks.
+fn old_may_run_ahead(plan: &Plan, cfg: &Config) -> bool {
+    let mask = cfg.block_size as i64 - 1;
+    decode_only(plan)
+        && plan.swap_out.is_empty()
+        && plan.swap_in.is_empty()
+        && plan.copies.is_empty()
+        && plan
+            .positions
+            .iter()
+            .all(|&p| (p + 1) & mask != 0 && p + 1 < cfg.max_model_len as i64)
+}
+
+/// How often each outcome of both comparisons occurred.
+#[derive(Default)]
+struct Counts {
+    matched: u64,
+    unmatched: u64,
+    in_place: u64,
+    not_in_place: u64,
+}
+
 fn config(rng: &mut Rng) -> Config {
     Config {
         num_gpu_blocks: rng.range(6, 64) as usize,
@@ -71,15 +95,15 @@ fn config(rng: &mut Rng) -> Config {
     }
 }
 
-/// Counts of (plans that continued the previous one, plans compared that did not).
-fn run(seed: u64, steady_path: bool) -> (u64, u64) {
+/// Counts of plans that continued the previous one or not, and that advance in place or
+/// not (decode-only plans only).
+fn run(seed: u64, steady_path: bool, counts: &mut Counts) {
     let mut rng = Rng::new(seed);
     let cfg = config(&mut rng);
     let mut s = Scheduler::new(cfg.clone()).expect("valid config");
     s.set_steady_path(steady_path);
     let mut sim = Sim::new(cfg.num_gpu_blocks, cfg.num_host_blocks, cfg.block_size);
     let mut ahead: Option<Ahead> = None;
-    let (mut matched, mut unmatched) = (0, 0);
     let mut next_id = 0;
     for _ in 0..400 {
         // Mostly quiet decode steps; now and then a new request, an abort or a finish.
@@ -124,11 +148,24 @@ fn run(seed: u64, steady_path: bool) -> (u64, u64) {
             "seed {seed} steady {steady_path}: plan {} (old comparison {old})",
             plan.id
         );
+        let in_place = old_may_run_ahead(&plan, &cfg);
+        assert_eq!(
+            plan.advances_in_place, in_place,
+            "seed {seed} steady {steady_path}: plan {}",
+            plan.id
+        );
+        if decode_only(&plan) {
+            if in_place {
+                counts.in_place += 1;
+            } else {
+                counts.not_in_place += 1;
+            }
+        }
         if ahead.is_some() && decode_only(&plan) {
             if old {
-                matched += 1;
+                counts.matched += 1;
             } else {
-                unmatched += 1;
+                counts.unmatched += 1;
             }
         }
         let sampled = sim.execute(&s, &plan);
@@ -144,22 +181,27 @@ fn run(seed: u64, steady_path: bool) -> (u64, u64) {
         sim.commit(&mut s, &plan, &sampled);
         s.check_invariants().expect("invariants");
     }
-    (matched, unmatched)
 }
 
 #[test]
-fn continues_plan_id_is_set_exactly_when_the_run_ahead_comparison_matches() {
-    let (mut matched, mut unmatched) = (0, 0);
+fn continues_plan_id_and_advances_in_place_match_the_run_ahead_rules() {
+    let mut c = Counts::default();
     for seed in 0..300 {
         for steady_path in [true, false] {
-            let (m, u) = run(seed, steady_path);
-            matched += m;
-            unmatched += u;
+            run(seed, steady_path, &mut c);
         }
     }
-    // Both outcomes occur often, so neither side of the equivalence is vacuous.
+    // Both outcomes occur often, so neither side of either equivalence is vacuous.
     assert!(
-        matched > 1000 && unmatched > 1000,
-        "{matched} matched, {unmatched} not"
+        c.matched > 1000 && c.unmatched > 1000,
+        "{} matched, {} not",
+        c.matched,
+        c.unmatched
+    );
+    assert!(
+        c.in_place > 1000 && c.not_in_place > 1000,
+        "{} in place, {} not",
+        c.in_place,
+        c.not_in_place
     );
 }

@@ -169,9 +169,9 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
                 let sampled = sim.execute(&s, &plan);
                 let id = live.swap_remove(rng.below(live.len() as u64) as usize);
                 if rng.chance(0.5) {
-                    assert!(s.abort(&id));
+                    assert!(s.abort(&id).is_some());
                 } else {
-                    assert!(s.finish(&id, "stop_string"));
+                    assert!(s.finish(&id, "stop_string").is_some());
                 }
                 ended_early.push(id);
                 let done = sim.commit(&mut s, &plan, &sampled);
@@ -179,8 +179,8 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
             }
             90..=93 if !live.is_empty() => {
                 let id = live.swap_remove(rng.below(live.len() as u64) as usize);
-                assert!(s.abort(&id));
-                assert!(!s.abort(&id), "second abort is a no-op");
+                assert!(s.abort(&id).is_some());
+                assert!(s.abort(&id).is_none(), "second abort is a no-op");
                 ended_early.push(id);
             }
             94..=96 => {
@@ -233,7 +233,7 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
                 t.errors_checked += 1;
             }
             _ => {
-                assert!(!s.abort("no-such-request"));
+                assert!(s.abort("no-such-request").is_none());
             }
         }
         s.check_invariants()

@@ -447,7 +447,7 @@ fn errors_name_the_field_and_change_nothing() {
     ));
     assert_eq!(fp, fingerprint(&s));
     assert!(s.request("third").is_none());
-    assert!(!s.abort("nope"));
+    assert!(s.abort("nope").is_none());
     s.check_invariants().unwrap();
     for (c, field) in [
         (
@@ -552,7 +552,7 @@ fn watermark_holds_back_admissions_but_never_starves_an_idle_core() {
 /// Ends `id` (adds it and finishes it at once).
 fn end_request(s: &mut Scheduler, id: &str) {
     s.add_request(req(id, vec![1, 2], 4)).unwrap();
-    assert!(s.finish(id, "stop"));
+    assert!(s.finish(id, "stop").is_some());
 }
 
 #[test]

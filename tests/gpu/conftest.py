@@ -30,3 +30,14 @@ def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if _HERE in Path(str(item.fspath)).parents:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fp32_reference():
+    """Matmuls in true fp32, not tf32, while a test compares a kernel with the reference."""
+    import torch
+
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,21 @@ class Batch:
                        m.query_start_loc, m.seq_lens)
 
 
+def ragged_specs(rng: random.Random, max_new: int) -> list[tuple[int, int]]:
+    """1 to 12 prefill rows of 1 to max_new new tokens; a third of them after a cached
+    context of up to 3000 tokens (make_batch's specs)."""
+    specs = []
+    for _ in range(rng.randint(1, 12)):
+        new = rng.randint(1, max_new)
+        specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
+    return specs
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator for make_batch's random data."""
+    return torch.Generator().manual_seed(seed)
+
+
 def cache_shape(layout: str, num_blocks: int, block_size: int, hkv: int, d: int) -> tuple:
     if layout == "NHD":
         return (num_blocks, block_size, hkv, d)
@@ -38,11 +54,11 @@ def make_batch(
     specs: list[tuple[int, int]],  # (context length after the step, new tokens), decodes first
     *,
     hkv: int,
-    group: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    block_size: int,
-    layout: str,
+    group: int = 4,
+    head_dim: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    block_size: int = 16,
+    layout: str = "HND",
     shared_prefix_blocks: int = 0,  # leading blocks shared by every sequence (prefix hits)
     pad_tokens: int = 0,  # extra token rows with slot -1 (padding)
     gen: torch.Generator | None = None,

@@ -10,7 +10,9 @@ from kernel_ref import (
     Batch,
     check_against_reference,
     make_batch,
+    ragged_specs,
     ref_cache_write,
+    seeded,
 )
 
 from kvserve.kernels.cache_write import cache_write
@@ -22,18 +24,7 @@ from kvserve.kernels.paged_attention import (
 )
 from kvserve.kernels.paged_kv import PagedKV
 
-
-@pytest.fixture(autouse=True)
-def _fp32_reference():
-    # The reference must be true fp32, not tf32.
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = pytest.mark.usefixtures("fp32_reference")
 
 
 def _run_attention(b: Batch, cfg: AttnConfig, num_splits: int | None = None) -> torch.Tensor:
@@ -79,7 +70,7 @@ def test_cache_write_matches_indexing(layout, dtype, head_dim, block_size) -> No
         block_size=block_size,
         layout=layout,
         pad_tokens=3,
-        gen=_gen(rng.randint(0, 10**6)),
+        gen=seeded(rng.randint(0, 10**6)),
     )
     want_k, want_v = ref_cache_write(b)
     cache_write(b.k, b.v, b.k_cache, b.v_cache, b.meta.slot_mapping, layout)
@@ -91,12 +82,8 @@ def test_cache_write_from_strided_qkv_views() -> None:
     b = make_batch(
         [(70, 70), (33, 5)],
         hkv=2,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
         layout="NHD",
-        gen=_gen(3),
+        gen=seeded(3),
     )
     T = b.k.shape[0]
     qkv = torch.randn(T, 12, 128, device="cuda").to(torch.bfloat16)
@@ -142,7 +129,7 @@ def test_decode_matches_reference(case) -> None:
         dtype=dtype,
         block_size=bs,
         layout=layout,
-        gen=_gen(batch + ctx),
+        gen=seeded(batch + ctx),
     )
     _check(b, _run_attention(b, DECODE_CONFIG))
 
@@ -155,12 +142,7 @@ def test_decode_split_kv_merge(num_splits) -> None:
     b = make_batch(
         specs,
         hkv=4,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
-        layout="HND",
-        gen=_gen(num_splits),
+        gen=seeded(num_splits),
     )
     _check(b, _run_attention(b, DECODE_CONFIG, num_splits=num_splits))
 
@@ -170,13 +152,8 @@ def test_decode_shared_prefix_blocks() -> None:
     b = make_batch(
         specs,
         hkv=8,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
-        layout="HND",
         shared_prefix_blocks=40,
-        gen=_gen(11),
+        gen=seeded(11),
     )
     _check(b, _run_attention(b, DECODE_CONFIG))
 
@@ -218,7 +195,7 @@ def test_prefill_matches_reference(case) -> None:
         block_size=bs,
         layout=layout,
         shared_prefix_blocks=shared,
-        gen=_gen(len(specs) * 7 + d),
+        gen=seeded(len(specs) * 7 + d),
     )
     _check(b, _run_attention(b, PREFILL_CONFIG))
 
@@ -232,19 +209,14 @@ PREFILL_TILINGS = [PREFILL_CONFIG, AttnConfig(bn=64, stages=2, warps_m=4, warps_
 def test_prefill_random_ragged_batches(cfg) -> None:
     rng = random.Random(1234 + cfg.mt)
     for trial in range(6):
-        specs = []
-        for _ in range(rng.randint(1, 12)):
-            new = rng.randint(1, 700)
-            specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
         b = make_batch(
-            specs,
+            ragged_specs(rng, 700),
             hkv=rng.choice([1, 2, 8]),
             group=rng.choice([1, 4, 8]),
             head_dim=rng.choice([64, 128]),
-            dtype=torch.bfloat16,
             block_size=rng.choice([16, 32]),
             layout=rng.choice(["NHD", "HND"]),
-            gen=_gen(trial),
+            gen=seeded(trial),
         )
         _check(b, _run_attention(b, cfg))
 
@@ -256,12 +228,8 @@ def test_bad_inputs_name_the_field() -> None:
     b = make_batch(
         [(40, 4)],
         hkv=2,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
         layout="NHD",
-        gen=_gen(5),
+        gen=seeded(5),
     )
     m = b.meta
     with pytest.raises(ValueError, match="slot_mapping"):

@@ -10,13 +10,7 @@ from kernel_ref import make_batch, max_row_rel_err, ref_attention, ref_cache_wri
 
 from kvserve.attention.cuda import CudaAttentionBackend
 
-
-@pytest.fixture(autouse=True)
-def _fp32_reference():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
+pytestmark = pytest.mark.usefixtures("fp32_reference")
 
 
 def _check(b, out, scale) -> None:
@@ -41,10 +35,7 @@ def test_mixed_batch_matches_reference(layout, dtype) -> None:
     b = make_batch(
         decodes + prefills,
         hkv=8,
-        group=4,
-        head_dim=128,
         dtype=dtype,
-        block_size=16,
         layout=layout,
         pad_tokens=5,
         gen=torch.Generator().manual_seed(rng.randint(0, 10**6)),
@@ -65,9 +56,7 @@ def test_prefill_only_and_decode_only_batches() -> None:
         b = make_batch(
             specs,
             hkv=2,
-            group=4,
             head_dim=64,
-            dtype=torch.bfloat16,
             block_size=32,
             layout=backend.layout,
             gen=torch.Generator().manual_seed(len(specs)),
@@ -84,10 +73,6 @@ def test_one_token_prefills_after_decodes() -> None:
     b = make_batch(
         specs,
         hkv=8,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
         layout=backend.layout,
         gen=torch.Generator().manual_seed(5),
     )
@@ -103,10 +88,6 @@ def test_forward_is_graph_capturable() -> None:
     b = make_batch(
         specs,
         hkv=8,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
         layout=backend.layout,
         gen=torch.Generator().manual_seed(99),
     )

@@ -14,30 +14,23 @@ from kernel_ref import (
     check_against_reference,
     make_batch,
     max_row_rel_err,
+    ragged_specs,
     ref_attention,
     rel_err,
+    seeded,
 )
 
 from kvserve.attention.cuda import CudaAttentionBackend
 from kvserve.kernels import prefill_sm90
 from kvserve.kernels.cache_write import cache_write
 
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
-    reason="the wgmma prefill kernel needs an sm_90 (Hopper) device",
-)
-
-
-@pytest.fixture(autouse=True)
-def _fp32_reference():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+        reason="the wgmma prefill kernel needs an sm_90 (Hopper) device",
+    ),
+    pytest.mark.usefixtures("fp32_reference"),
+]
 
 
 def _run(b: Batch, variant: dict | None = None, poison_tail: bool = False) -> torch.Tensor:
@@ -133,13 +126,12 @@ def test_sm90_prefill_matches_reference(case, variant) -> None:
         specs,
         hkv=2,
         group=group,
-        head_dim=128,
         dtype=dtype,
         block_size=bs,
         layout=layout,
         shared_prefix_blocks=shared,
         pad_tokens=3,
-        gen=_gen(len(specs) * 7 + group + _seed(variant)),
+        gen=seeded(len(specs) * 7 + group + _seed(variant)),
     )
     _check(b, _run(b, VARIANTS[variant]))
 
@@ -148,19 +140,14 @@ def test_sm90_prefill_matches_reference(case, variant) -> None:
 def test_sm90_prefill_random_ragged_batches(variant) -> None:
     rng = random.Random(90 + _seed(variant))
     for trial in range(8):
-        specs = []
-        for _ in range(rng.randint(1, 12)):
-            new = rng.randint(1, 900)
-            specs.append((new + rng.choice([0, 0, rng.randint(1, 3000)]), new))
         b = make_batch(
-            specs,
+            ragged_specs(rng, 900),
             hkv=rng.choice([1, 2, 8]),
             group=rng.choice([1, 4, 8]),
-            head_dim=128,
             dtype=rng.choice([torch.bfloat16, torch.float16]),
             block_size=rng.choice([16, 32]),
             layout=rng.choice(["NHD", "HND"]),
-            gen=_gen(100 + trial + _seed(variant)),
+            gen=seeded(100 + trial + _seed(variant)),
         )
         _check(b, _run(b, VARIANTS[variant]))
 
@@ -181,13 +168,10 @@ def test_sm90_prefill_block_sizes_and_nan_tail(variant, bs, layout) -> None:
     b = make_batch(
         specs,
         hkv=2,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
         block_size=bs,
         layout=layout,
         pad_tokens=2,
-        gen=_gen(bs + _seed(variant + layout)),
+        gen=seeded(bs + _seed(variant + layout)),
     )
     _check(b, _run(b, VARIANTS[variant], poison_tail=True))
 
@@ -198,12 +182,7 @@ def test_sm90_ws_matches_v1_on_bench_shape(variant) -> None:
     b = make_batch(
         [(4096, 4096), (4096, 4096)],
         hkv=2,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
-        layout="HND",
-        gen=_gen(_seed(variant)),
+        gen=seeded(_seed(variant)),
     )
     got = _run(b, VARIANTS[variant])
     _check(b, got)
@@ -223,12 +202,7 @@ def test_sm90_prefill_is_repeatable(variant) -> None:
     b = make_batch(
         [(5000, 3000), (700, 700)],
         hkv=2,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
-        layout="HND",
-        gen=_gen(7),
+        gen=seeded(7),
     )
     first = _run(b, VARIANTS[variant])
     for _ in range(3):
@@ -241,12 +215,7 @@ def test_sm90_ws_static_schedule_under_capture_equals_dynamic() -> None:
     b = make_batch(
         [(6000, 3000), (4000, 2000), (900, 900)],
         hkv=8,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
-        layout="HND",
-        gen=_gen(11),
+        gen=seeded(11),
     )
     want = _run(b, VARIANTS["ws-st2q2"])
     graph = torch.cuda.CUDAGraph()
@@ -284,13 +253,9 @@ def test_backend_with_sm90_prefill_matches_reference(layout, kernel, monkeypatch
     b = make_batch(
         decodes + prefills,
         hkv=8,
-        group=4,
-        head_dim=128,
-        dtype=torch.bfloat16,
-        block_size=16,
         layout=layout,
         pad_tokens=5,
-        gen=_gen(rng.randint(0, 10**6)),
+        gen=seeded(rng.randint(0, 10**6)),
     )
     backend = CudaAttentionBackend(layout=layout)
     scale = 128**-0.5

@@ -8,19 +8,19 @@ exactly the quantization the cache applies.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from kvserve.engine import LLMEngine
-
-_NO_PAIRS = np.zeros((0, 2), dtype=np.int64)
+from kvserve.runner import ModelRunner, StepInputs
 
 
 def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> float:
     """exp(mean next-token NLL) over token_ids[1:], using blocks 0.. of the engine's pool."""
     runner, block = engine.runner, engine.args.block_size
+    if not isinstance(runner, ModelRunner):
+        raise ValueError("engine: perplexity needs the model (not --executor sim)")
     n = len(token_ids)
     blocks = (n + block - 1) // block
     if blocks > runner.num_blocks or n > engine.max_model_len:
@@ -30,17 +30,12 @@ def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> flo
     nll, count = 0.0, 0
     for start in range(0, n - 1, chunk):
         end = min(start + chunk, n - 1)  # the last token is only a target
-        plan = SimpleNamespace(
-            swap_out=_NO_PAIRS, swap_in=_NO_PAIRS, copies=_NO_PAIRS, num_seqs=1,
-            num_tokens=end - start, num_decodes=0,
-            query_start_loc=np.array([0, end - start], dtype=np.int32),
-            seq_lens=np.array([end], dtype=np.int32),
+        logits = runner.forward(StepInputs(
+            input_ids=ids[start:end], positions=np.arange(start, end, dtype=np.int64),
             slot_mapping=np.arange(start, end, dtype=np.int64),  # blocks 0.. in order
-            block_table=table, input_ids=ids[start:end],
-            positions=np.arange(start, end, dtype=np.int64),
-            logits_indices=np.arange(end - start, dtype=np.int64))
-        logits = runner.execute(plan)
-        assert logits is not None
+            query_start_loc=np.array([0, end - start], dtype=np.int32),
+            seq_lens=np.array([end], dtype=np.int32), block_table=table,
+            logits_indices=np.arange(end - start, dtype=np.int64)))
         targets = torch.from_numpy(ids[start + 1:end + 1]).to(logits.device)
         nll += float(torch.nn.functional.cross_entropy(logits.float(), targets,
                                                        reduction="sum"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from kvserve.json_object import read_json_object
 from kvserve.model.checkpoint import Checkpoint
 from kvserve.model.config import ModelConfig
 from kvserve.tokenizer import Tokenizer
@@ -19,12 +20,7 @@ def load_hf_dir(path: Path) -> Checkpoint:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: model config not found")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{config_file}: malformed JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_file}: expected a JSON object")  # noqa: TRY004
+    raw = read_json_object(config_file)
     try:
         config = ModelConfig.from_hf(raw, name=path.name)
     except ValueError as exc:

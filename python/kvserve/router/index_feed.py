@@ -41,7 +41,7 @@ class IndexFeed:
         call = r.stub.StreamKvEvents(pb.StreamKvEventsRequest(), metadata=md)
         next_seq = -1
         try:
-            async for msg in call:  # type: ignore[union-attr]  # an aio stream
+            async for msg in call:  # an aio stream
                 if msg.snapshot:
                     self.index.remove_replica(r.name)
                     self.index.add_replica(r.name)

@@ -32,6 +32,9 @@ _OPTIONAL_SAMPLING_FIELDS = (
     "skip_special_tokens",
 )
 
+# Fields of a request the core validates (its messages start "min_tokens: ...").
+_CORE_SAMPLING_FIELDS = ("max_tokens:", "min_tokens:")
+
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
@@ -152,9 +155,12 @@ def finish_reason(reason: str | None) -> pb.FinishReason:
 
 
 def sampling_error(exc: Exception) -> str:
-    """SamplingParams names fields "SamplingParams.top_p"; the wire name is "sampling.top_p"."""
+    """SamplingParams names fields "SamplingParams.top_p", the core "min_tokens: ..."; the
+    wire name is "sampling.top_p", "sampling.min_tokens"."""
     text, prefix = str(exc), "SamplingParams."
-    return "sampling." + text[len(prefix) :] if text.startswith(prefix) else text
+    if text.startswith(prefix):
+        return "sampling." + text[len(prefix) :]
+    return "sampling." + text if text.startswith(_CORE_SAMPLING_FIELDS) else text
 
 
 def logprob_entries(

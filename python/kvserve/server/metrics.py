@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -140,47 +140,38 @@ class ServerMetrics:
         self.generation_tokens = Counter(
             "kvserve_generation_tokens", "Tokens generated and streamed to clients", registry=r
         )
-        self.tokens_per_step = Histogram(
+
+        def histogram(name: str, doc: str, buckets: Sequence[float]) -> Histogram:
+            return Histogram(name, doc, buckets=buckets, registry=r)
+
+        self.tokens_per_step = histogram(
             "kvserve_tokens_per_step",
             "Tokens in each engine step (batch size in tokens)",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+            _TOKEN_BUCKETS,
         )
-        self.seqs_per_step = Histogram(
-            "kvserve_seqs_per_step",
-            "Sequences in each engine step",
-            buckets=_TOKEN_BUCKETS,
-            registry=r,
+        self.seqs_per_step = histogram(
+            "kvserve_seqs_per_step", "Sequences in each engine step", _TOKEN_BUCKETS
         )
-        self.step_duration = Histogram(
-            "kvserve_step_duration_seconds",
-            "Wall time of each engine step",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.step_duration = histogram(
+            "kvserve_step_duration_seconds", "Wall time of each engine step", _LATENCY_BUCKETS
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "kvserve_time_to_first_token_seconds",
             "Arrival to first token streamed",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.itl = Histogram(
-            "kvserve_inter_token_latency_seconds",
-            "Time between streamed tokens",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+        self.itl = histogram(
+            "kvserve_inter_token_latency_seconds", "Time between streamed tokens", _LATENCY_BUCKETS
         )
-        self.e2e = Histogram(
+        self.e2e = histogram(
             "kvserve_e2e_request_latency_seconds",
             "Arrival to the last message of a request",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
-        self.queue_time = Histogram(
+        self.queue_time = histogram(
             "kvserve_request_queue_time_seconds",
             "Arrival to the start of the engine step that produced the first token",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
         self.rejected = Counter(
             "kvserve_requests_rejected",

@@ -7,16 +7,6 @@ import sys
 from typing import Any
 
 
-def _ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise SystemExit(f"{flag}: expected positive integers, got {text!r}")
-    return values
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "calibrate", help="fit a roofline step-time profile on this device",
@@ -37,9 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=run_calibrate)
-    from kvserve.sim import sim_cli
+    from kvserve.sim import plan_cli, sim_cli
 
     sim_cli.register(subparsers)
+    plan_cli.register(subparsers, sim_cli.add_common)
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -57,6 +48,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         return 0
     from kvserve.engine import LLMEngine
     from kvserve.engine_args import EngineArgs
+    from kvserve.sim import sim_cli
     from kvserve.sim.calibrate import Grid, calibrate
 
     engine = LLMEngine(EngineArgs.from_cli_args(args))
@@ -67,7 +59,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                  "mixed_chunks"):
         text = getattr(args, flag)
         if text:
-            overrides[flag] = _ints(text, "--" + flag.replace("_", "-"))
+            overrides[flag] = sim_cli.ints(text, "--" + flag.replace("_", "-"))
     grid = replace(grid, **overrides)
     profile, _ = calibrate(engine, grid, seed=args.seed, progress=not args.no_progress)
     profile.save(args.out)

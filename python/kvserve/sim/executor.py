@@ -9,13 +9,16 @@ fit on one machine.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from kvserve.sim.profile import Profile
 from kvserve.step_cost import attention_pairs
+
+if TYPE_CHECKING:
+    from kvserve._core import Plan
 
 
 class _WeightBytes:
@@ -52,12 +55,12 @@ class SimRunner:
         self.last_greedy: torch.Tensor | None = None
         self.steps = 0
 
-    def step_seconds(self, plan: Any) -> float:
+    def step_seconds(self, plan: Plan) -> float:
         ctx = float(plan.seq_lens.sum())
         pairs = attention_pairs(np.diff(plan.query_start_loc), plan.seq_lens)
         return self.profile.step_seconds(int(plan.num_tokens), int(plan.num_seqs), ctx, pairs)
 
-    def execute(self, plan: Any, greedy_only: bool = False) -> torch.Tensor | None:
+    def execute(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor | None:
         self.last_greedy = None
         if plan.num_tokens == 0:
             return None

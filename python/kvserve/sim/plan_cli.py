@@ -36,7 +36,6 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from kvserve.sim.cli import _ints
     from kvserve.sim.plan import (
         Candidate,
         PlanError,
@@ -46,7 +45,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         format_rows,
         search,
     )
-    from kvserve.sim.sim_cli import build
+    from kvserve.sim.sim_cli import build, ints
 
     try:
         slo = Slo.parse(args.slo)
@@ -54,10 +53,10 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise SystemExit(f"--{exc}") from None
     if args.rate <= 0:
         raise SystemExit("--rate: must be > 0")
-    seqs = _ints(args.max_num_seqs_options, "--max-num-seqs-options") \
+    seqs = ints(args.max_num_seqs_options, "--max-num-seqs-options") \
         if args.max_num_seqs_options else (args.max_num_seqs,)
     sim, _ = build(args, args.rate, 1)
-    budgets = _ints(args.token_budget_options, "--token-budget-options") \
+    budgets = ints(args.token_budget_options, "--token-budget-options") \
         if args.token_budget_options else (sim.config.max_num_batched_tokens,)
     try:
         check_memory(args.max_replicas, sim.config.num_gpu_blocks, max(seqs),

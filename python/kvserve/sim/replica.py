@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -14,6 +14,9 @@ from kvserve.sim.profile import Profile
 from kvserve.sim.sources import SYNTHETIC_TOKEN
 from kvserve.sim.stats import LogHistogram
 from kvserve.step_cost import attention_pairs
+
+if TYPE_CHECKING:
+    from kvserve._core import Core, Plan
 
 _sum, _and = np.add.reduce, np.bitwise_and  # without ndarray.sum's Python wrapper
 SWAP_BYTES_PER_S = 25e9  # the core's default for the swap/recompute choice, used here too
@@ -47,7 +50,7 @@ class ReplicaConfig:
             max_waiting=args.max_waiting, enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode)
 
-    def make_core(self, profile: Profile) -> Any:
+    def make_core(self, profile: Profile) -> Core:
         from kvserve import _core
 
         return _core.Core(
@@ -105,11 +108,11 @@ class SimReplica:
         self.live: dict[int, RequestSpec] = {}
         self._cap = 1024
         self._alloc(self._cap)
-        self.plan: Any = None
+        self.plan: Plan | None = None
         self.busy = False
         self._steady = False
         # Replaces the modelled step time (tests replay measured steps through it).
-        self.step_clock: Callable[[Any], float] | None = None
+        self.step_clock: Callable[[Plan], float] | None = None
         self._pending: tuple[np.ndarray, float] | None = None
         self._last_ctx, self._last_ns = 0.0, 0
         self._itl_add = stats.itl.add
@@ -312,6 +315,7 @@ class SimReplica:
     def finish_step(self, now: float) -> list[Finished]:
         """Commit the step that ends at `now`; account tokens; the requests it finished."""
         plan = self.plan
+        assert plan is not None, "finish_step without a step started"
         stats = self.stats
         stats.steps += 1
         n = plan.num_samples

@@ -12,7 +12,18 @@ from typing import Any
 from kvserve.bench.workloads import WORKLOADS
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def ints(text: str, flag: str) -> tuple[int, ...]:
+    """A flag's comma-separated positive integers (exits naming the flag otherwise)."""
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"{flag}: expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"{flag}: expected positive integers, got {text!r}")
+    return values
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
     from kvserve.engine_args import EngineArgs
 
     p.add_argument("--profile", required=True, help="profile JSON from `kvserve calibrate`")
@@ -38,16 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "sim", help="simulate a fleet of replicas on the real core in modelled time",
         description="Event-driven simulation: N replicas, each a real kvserve core, steps "
                     "timed by a calibrated profile, synthetic tokens, real prefix structure.")
-    _add_common(p)
+    add_common(p)
     p.add_argument("--rate", type=float, default=4.0, help="conversations (requests) per s")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--out", default="sim_out", help="folder for results.json and plots")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_sim)
-    from kvserve.sim import plan_cli
-
-    plan_cli.register(subparsers, _add_common)
 
 
 def build(args: argparse.Namespace, rate: float, replicas: int,

@@ -167,14 +167,17 @@ impl PyCore {
         self.inner.run_steady(max_steps, token)
     }
 
-    /// Ends a live request for a reason found in Python (e.g. a stop string).
-    fn finish(&mut self, request_id: &str, reason: &str) -> bool {
-        self.inner.finish(request_id, reason)
+    /// Ends a live request for a reason found in Python (e.g. a stop string); the prompt
+    /// tokens it had served from the prefix cache, or None for an id that is not live.
+    fn finish(&mut self, request_id: &str, reason: &str) -> Option<usize> {
+        self.inner
+            .finish(request_id, reason)
+            .map(|e| e.cached_prompt_tokens)
     }
 
-    /// Frees everything a request holds; False for an unknown id.
-    fn abort(&mut self, request_id: &str) -> bool {
-        self.inner.abort(request_id)
+    /// Frees everything a request holds; its handle, or None for an id that is not live.
+    fn abort(&mut self, request_id: &str) -> Option<u64> {
+        self.inner.abort(request_id).map(|e| e.handle)
     }
 
     fn has_unfinished(&self) -> bool {

@@ -56,7 +56,7 @@ pub(super) fn config_err(m: String) -> PyErr {
     ConfigError::new_err(format!("invalid config: {m}"))
 }
 
-/// A bad request argument found while converting it.
+/// A bad request argument found while converting it (`m` starts with the field).
 pub(super) fn request_err(m: String) -> PyErr {
-    InvalidRequestError::new_err(format!("invalid request: {m}"))
+    InvalidRequestError::new_err(m)
 }

@@ -45,6 +45,8 @@ pub struct PyPlan {
     copies: Py<PyArray2<i64>>,
     #[pyo3(get)]
     continues_plan_id: Option<u64>,
+    #[pyo3(get)]
+    advances_in_place: bool,
 }
 
 impl PyPlan {
@@ -71,6 +73,7 @@ impl PyPlan {
             swap_in: pairs(py, p.swap_in)?,
             copies: pairs(py, p.copies)?,
             continues_plan_id: p.continues_plan_id,
+            advances_in_place: p.advances_in_place,
         })
     }
 }

@@ -2,7 +2,7 @@
 //! `request_stats` reports for live and recently ended requests.
 
 use crate::error::{CoreError, CoreResult};
-use crate::request::Status;
+use crate::request::{Request, Status};
 
 use super::{key, Scheduler};
 
@@ -37,6 +37,28 @@ pub struct Retained {
     pub cached_digests: usize,
 }
 
+impl RequestStats {
+    fn of(r: &Request, state: String) -> Self {
+        RequestStats {
+            handle: r.handle,
+            prompt_tokens: r.cold.num_prompt_tokens,
+            output_tokens: r.num_output_tokens(),
+            cached_prompt_tokens: r.cold.cached_prompt_tokens,
+            num_computed_tokens: r.num_computed,
+            num_preemptions: r.cold.num_preemptions,
+            state,
+        }
+    }
+}
+
+/// What `finish` and `abort` report about the request they ended: its handle (the
+/// caller's key) and the prompt tokens it had served from the prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ended {
+    pub handle: u64,
+    pub cached_prompt_tokens: usize,
+}
+
 impl Scheduler {
     /// The sizes of the core's records (see `Retained`).
     pub fn retained(&self) -> Retained {
@@ -54,33 +76,30 @@ impl Scheduler {
         }
     }
 
-    /// Ends a live request for a reason found outside the core (e.g. a stop string).
-    pub fn finish(&mut self, id: &str, reason: &str) -> bool {
+    /// Ends a live request for a reason found outside the core (e.g. a stop string);
+    /// unknown id -> None.
+    pub fn finish(&mut self, id: &str, reason: &str) -> Option<Ended> {
         self.end(id, reason, false)
     }
 
-    /// Frees everything a request holds; unknown id -> false.
-    pub fn abort(&mut self, id: &str) -> bool {
+    /// Frees everything a request holds; unknown id -> None.
+    pub fn abort(&mut self, id: &str) -> Option<Ended> {
         self.end(id, "abort", true)
     }
 
-    fn end(&mut self, id: &str, reason: &str, aborted: bool) -> bool {
-        let Some(&slot) = self.by_id.get(id) else {
-            return false;
-        };
+    fn end(&mut self, id: &str, reason: &str, aborted: bool) -> Option<Ended> {
+        let &slot = self.by_id.get(id)?;
         self.steady.committed = false;
         self.steady.intact = false;
-        self.remove(slot, reason, aborted);
+        let ended = self.remove(slot, reason, aborted);
         self.running.retain(|&s| s != slot);
-        true
+        ended
     }
 
     /// Removes a request from every queue and frees its blocks. `running` is left for
     /// the caller to compact (commit does it once per step).
-    pub(super) fn remove(&mut self, slot: usize, reason: &str, aborted: bool) {
-        let Some(r) = self.slots[slot].take() else {
-            return;
-        };
+    pub(super) fn remove(&mut self, slot: usize, reason: &str, aborted: bool) -> Option<Ended> {
+        let r = self.slots[slot].take()?;
         match r.status {
             Status::Waiting => {
                 self.waiting.remove(&key(&r, slot));
@@ -98,39 +117,26 @@ impl Scheduler {
         }
         self.by_id.remove(&r.cold.id);
         self.free_slots.push(slot);
-        if aborted {
+        let state = if aborted {
             self.counters.requests_aborted += 1;
+            "aborted".into()
         } else {
             self.counters.requests_finished += 1;
-        }
-        let stats = RequestStats {
-            handle: r.handle,
-            prompt_tokens: r.cold.num_prompt_tokens,
-            output_tokens: r.num_output_tokens(),
-            cached_prompt_tokens: r.cold.cached_prompt_tokens,
-            num_computed_tokens: r.num_computed,
-            num_preemptions: r.cold.num_preemptions,
-            state: if aborted {
-                "aborted".into()
-            } else {
-                format!("finished:{reason}")
-            },
+            format!("finished:{reason}")
         };
+        let ended = Ended {
+            handle: r.handle,
+            cached_prompt_tokens: r.cold.cached_prompt_tokens,
+        };
+        let stats = RequestStats::of(&r, state);
         self.finished.record(r.cold.id, stats);
+        Some(ended)
     }
 
     /// Stats of a live or recently finished request.
     pub fn request_stats(&self, id: &str) -> CoreResult<RequestStats> {
         if let Some(r) = self.request(id) {
-            return Ok(RequestStats {
-                handle: r.handle,
-                prompt_tokens: r.cold.num_prompt_tokens,
-                output_tokens: r.num_output_tokens(),
-                cached_prompt_tokens: r.cold.cached_prompt_tokens,
-                num_computed_tokens: r.num_computed,
-                num_preemptions: r.cold.num_preemptions,
-                state: r.status.as_str().into(),
-            });
+            return Ok(RequestStats::of(r, r.status.as_str().into()));
         }
         self.finished
             .get(id)

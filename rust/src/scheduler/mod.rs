@@ -36,7 +36,7 @@ use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
-pub use lifecycle::{RequestStats, Retained};
+pub use lifecycle::{Ended, RequestStats, Retained};
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
 pub use steady_run::SteadyOutlook;

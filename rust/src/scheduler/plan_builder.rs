@@ -275,6 +275,7 @@ impl Scheduler {
             .last_decode_plan
             .filter(|_| same_shape && rows_unchanged)
             .map(|last| last.id);
+        plan.set_advances_in_place(self.cfg.block_size, self.cfg.max_model_len);
         self.last_decode_plan = DecodePlanShape::of(&plan);
         self.keep_steady_batch(&plan);
         self.counters.steps += 1;

@@ -165,6 +165,7 @@ impl Scheduler {
         plan.swap_out.clear();
         plan.swap_in.clear();
         plan.copies.clear();
+        plan.set_advances_in_place(self.cfg.block_size, self.cfg.max_model_len);
         // The last plan's rows, unchanged: (slot, handle, 1) and (slot, handle).
         self.pending = Some(Pending {
             plan_id: plan.id,

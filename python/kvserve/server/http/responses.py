@@ -89,44 +89,45 @@ def completion_logprobs(
     }
 
 
-def chat_body(c: Completion, logprobs: dict[str, Any] | None, with_ids: bool) -> dict[str, Any]:
+def _response(
+    c: Completion,
+    obj: str,
+    content: dict[str, Any],
+    logprobs: dict[str, Any] | None,
+    finish_reason: str | None,
+    token_ids: list[int] | None,
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The envelope every body and chunk shares: one choice holding `content`."""
     choice: dict[str, Any] = {
         "index": 0,
-        "message": {"role": "assistant", "content": c.text},
+        **content,
         "logprobs": logprobs,
-        "finish_reason": c.finish_reason,
+        "finish_reason": finish_reason,
     }
-    if with_ids:
-        choice["token_ids"] = c.token_ids
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     return {
         "id": c.id,
-        "object": "chat.completion",
+        "object": obj,
         "created": c.created,
         "model": c.model,
         "choices": [choice],
-        "usage": c.usage(),
+        "usage": usage,
     }
+
+
+def chat_body(c: Completion, logprobs: dict[str, Any] | None, with_ids: bool) -> dict[str, Any]:
+    message = {"message": {"role": "assistant", "content": c.text}}
+    return _response(c, "chat.completion", message, logprobs, c.finish_reason,
+                     c.token_ids if with_ids else None, c.usage())
 
 
 def completion_body(
     c: Completion, logprobs: dict[str, Any] | None, with_ids: bool
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": c.text,
-        "logprobs": logprobs,
-        "finish_reason": c.finish_reason,
-    }
-    if with_ids:
-        choice["token_ids"] = c.token_ids
-    return {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": c.model,
-        "choices": [choice],
-        "usage": c.usage(),
-    }
+    return _response(c, "text_completion", {"text": c.text}, logprobs, c.finish_reason,
+                     c.token_ids if with_ids else None, c.usage())
 
 
 def chat_chunk(
@@ -136,22 +137,8 @@ def chat_chunk(
     logprobs: dict[str, Any] | None = None,
     token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "delta": delta,
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {
-        "id": c.id,
-        "object": "chat.completion.chunk",
-        "created": c.created,
-        "model": c.model,
-        "choices": [choice],
-        "usage": None,
-    }
+    return _response(c, "chat.completion.chunk", {"delta": delta}, logprobs, finish_reason,
+                     token_ids, None)
 
 
 def completion_chunk(
@@ -161,22 +148,8 @@ def completion_chunk(
     logprobs: dict[str, Any] | None = None,
     token_ids: list[int] | None = None,
 ) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0,
-        "text": text,
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    return {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": c.model,
-        "choices": [choice],
-        "usage": None,
-    }
+    return _response(c, "text_completion", {"text": text}, logprobs, finish_reason, token_ids,
+                     None)
 
 
 def usage_chunk(c: Completion, chat: bool) -> dict[str, Any]:

@@ -1,23 +1,44 @@
 """gRPC glue for kvserve.v1.KvServe: method paths, a client stub, server registration.
 
-Written by hand instead of generated (see __init__.py): it is a table of five methods.
+Written by hand instead of generated (see __init__.py): it is a table of five methods
+(`METHODS`) that the stub and the registration both read.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf.message import Message
 
 from kvserve.server.proto import pb
 from kvserve.server.proto.decode import deserializer
 
 SERVICE_NAME = "kvserve.v1.KvServe"
-GENERATE = f"/{SERVICE_NAME}/Generate"
-TOKENIZE = f"/{SERVICE_NAME}/Tokenize"
-MODEL_INFO = f"/{SERVICE_NAME}/ModelInfo"
-GET_LOAD = f"/{SERVICE_NAME}/GetLoad"
-STREAM_KV_EVENTS = f"/{SERVICE_NAME}/StreamKvEvents"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One RPC of the service: its name, whether it streams responses, and its messages."""
+
+    name: str
+    streams: bool
+    request: type[Message]
+    response: type[Message]
+
+    @property
+    def path(self) -> str:
+        return f"/{SERVICE_NAME}/{self.name}"
+
+
+METHODS = (
+    Method("Generate", True, pb.GenerateRequest, pb.GenerateResponse),
+    Method("Tokenize", False, pb.TokenizeRequest, pb.TokenizeResponse),
+    Method("ModelInfo", False, pb.ModelInfoRequest, pb.ModelInfoResponse),
+    Method("GetLoad", False, pb.GetLoadRequest, pb.GetLoadResponse),
+    Method("StreamKvEvents", True, pb.StreamKvEventsRequest, pb.KvEvents),
+)
 
 
 class KvServeStub:
@@ -28,33 +49,13 @@ class KvServeStub:
     Tokenize: Any
     ModelInfo: Any
     GetLoad: Any
+    StreamKvEvents: Any
 
     def __init__(self, channel: grpc.Channel | grpc.aio.Channel) -> None:
-        self.Generate = channel.unary_stream(
-            GENERATE,
-            request_serializer=pb.GenerateRequest.SerializeToString,
-            response_deserializer=pb.GenerateResponse.FromString,
-        )
-        self.Tokenize = channel.unary_unary(
-            TOKENIZE,
-            request_serializer=pb.TokenizeRequest.SerializeToString,
-            response_deserializer=pb.TokenizeResponse.FromString,
-        )
-        self.ModelInfo = channel.unary_unary(
-            MODEL_INFO,
-            request_serializer=pb.ModelInfoRequest.SerializeToString,
-            response_deserializer=pb.ModelInfoResponse.FromString,
-        )
-        self.GetLoad = channel.unary_unary(
-            GET_LOAD,
-            request_serializer=pb.GetLoadRequest.SerializeToString,
-            response_deserializer=pb.GetLoadResponse.FromString,
-        )
-        self.StreamKvEvents = channel.unary_stream(
-            STREAM_KV_EVENTS,
-            request_serializer=pb.StreamKvEventsRequest.SerializeToString,
-            response_deserializer=pb.KvEvents.FromString,
-        )
+        for m in METHODS:
+            call = channel.unary_stream if m.streams else channel.unary_unary
+            setattr(self, m.name, call(m.path, request_serializer=m.request.SerializeToString,
+                                       response_deserializer=m.response.FromString))
 
 
 class KvServeServicer(Protocol):
@@ -68,31 +69,11 @@ class KvServeServicer(Protocol):
 
 
 def add_kvserve_servicer(servicer: KvServeServicer, server: grpc.aio.Server) -> None:
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate,
-            request_deserializer=deserializer(pb.GenerateRequest),
-            response_serializer=pb.GenerateResponse.SerializeToString,
-        ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Tokenize,
-            request_deserializer=deserializer(pb.TokenizeRequest),
-            response_serializer=pb.TokenizeResponse.SerializeToString,
-        ),
-        "ModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.ModelInfo,
-            request_deserializer=deserializer(pb.ModelInfoRequest),
-            response_serializer=pb.ModelInfoResponse.SerializeToString,
-        ),
-        "GetLoad": grpc.unary_unary_rpc_method_handler(
-            servicer.GetLoad,
-            request_deserializer=deserializer(pb.GetLoadRequest),
-            response_serializer=pb.GetLoadResponse.SerializeToString,
-        ),
-        "StreamKvEvents": grpc.unary_stream_rpc_method_handler(
-            servicer.StreamKvEvents,
-            request_deserializer=deserializer(pb.StreamKvEventsRequest),
-            response_serializer=pb.KvEvents.SerializeToString,
-        ),
-    }
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for m in METHODS:
+        handler = (grpc.unary_stream_rpc_method_handler if m.streams
+                   else grpc.unary_unary_rpc_method_handler)
+        handlers[m.name] = handler(getattr(servicer, m.name),
+                                   request_deserializer=deserializer(m.request),
+                                   response_serializer=m.response.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
