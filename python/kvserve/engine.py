@@ -17,6 +17,7 @@ from kvserve.attention.kv_quant import check_kv_cache_dtype, kv_dtype_name
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.errors import InvalidRequestError
+from kvserve.host_tier import check_pinnable, host_tier_bytes, mem_available
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -66,7 +67,9 @@ class LLMEngine:
                                       self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,
                                       args.gpu_memory_utilization, args.swap_bytes,
-                                      enforce_eager=args.enforce_eager, kv_dtype=kv_dtype)
+                                      enforce_eager=args.enforce_eager, kv_dtype=kv_dtype,
+                                      host_tier_bytes=resolve_host_tier(args, self.device),
+                                      num_gpu_blocks_override=args.num_gpu_blocks_override)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
@@ -75,7 +78,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
-            flops_per_token=cfg.flops_per_token)
+            flops_per_token=cfg.flops_per_token, **_measured_rates(self.runner))
         self.invalid_request_error: type[Exception] = InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
@@ -354,3 +357,25 @@ def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_host_tier(args: EngineArgs, device: torch.device) -> int:
+    """Bytes of the host tier for this device (host_tier.py's size rule), refused at start
+    when the host cannot hold it beside the swap space."""
+    available = mem_available()
+    tier = host_tier_bytes(args.host_kv_cache_bytes, device.type, available)
+    if tier:
+        check_pinnable(tier, args.swap_bytes, available)
+    return tier
+
+
+def _measured_rates(runner: Any) -> dict[str, float]:
+    """The core's cost-model rates where the runner measured them (host tier on): the host
+    link as one round trip's mean rate (the core charges bytes both ways at it) and the
+    device's prefill FLOP/s."""
+    link = getattr(runner, "link_bytes_per_s", None)
+    flops = getattr(runner, "prefill_flops_per_s", None)
+    if not link or not flops or min(link) <= 0:
+        return {}
+    return {"swap_bytes_per_s": 2.0 / (1.0 / link[0] + 1.0 / link[1]),
+            "prefill_flops_per_s": float(flops)}
