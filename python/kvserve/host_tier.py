@@ -35,6 +35,7 @@ PINNABLE_FRACTION = 0.9  # of MemAvailable: the most the pinned pool may take
 STAGING_BYTES = 256 * 2**20  # device staging for gathers/scatters, per copy chunk
 COPY_TIMEOUT_S = 10.0  # a copy still unfinished this long after it was queued has failed
 BANDWIDTH_PROBE_BYTES = 256 * 2**20
+POLL_S = 50e-6  # between completion checks of a copy the commit waits for
 
 
 class HostTierError(RuntimeError):
@@ -171,38 +172,44 @@ class HostCopier:
 
     # ---- queueing ------------------------------------------------------------------------
 
-    def to_host(self, pairs: np.ndarray) -> None:
-        """Copy device block p[0] to host block p[1] for every row p of pairs."""
+    def to_host(self, pairs: np.ndarray, gate: bool = True) -> None:
+        """Copy device block p[0] to host block p[1] for every row p of pairs.
+
+        gate: the compute stream's next `wait_ready` waits until the device blocks have
+        been read (a swapped-out block may be reused in the same step). Offloads of idle
+        prefix blocks, which nothing writes before the plan's commit, pass False: their
+        transfer then never holds up the forward (`wait_done` before the commit)."""
         if len(pairs):
-            self._queue("to_host", pairs)
+            self._queue("to_host", pairs, gate)
 
     def to_device(self, pairs: np.ndarray) -> None:
-        """Copy host block p[0] to device block p[1] for every row p of pairs."""
+        """Copy host block p[0] to device block p[1] for every row p of pairs; the compute
+        stream's next `wait_ready` waits for all of it."""
         if len(pairs):
-            self._queue("to_device", pairs)
+            self._queue("to_device", pairs, True)
 
-    def _queue(self, kind: str, pairs: np.ndarray) -> None:
+    def _queue(self, kind: str, pairs: np.ndarray, gate: bool) -> None:
         pairs = np.ascontiguousarray(pairs, dtype=np.int64)
         batch = CopyBatch(kind, pairs, time.monotonic())
         if self.stream is None:
-            self._run(kind, pairs)
+            self._run(kind, pairs, gate)
             return
         main = torch.cuda.current_stream(self.device)
         # Reads and writes of device blocks come after everything the forward queued so far.
         self.stream.wait_stream(main)
         with torch.cuda.stream(self.stream):
-            self._run(kind, pairs)
+            self._run(kind, pairs, gate)
             batch.done = torch.cuda.Event()
             batch.done.record(self.stream)
         self._pending.append(batch)
 
-    def _run(self, kind: str, pairs: np.ndarray) -> None:
+    def _run(self, kind: str, pairs: np.ndarray, gate: bool) -> None:
         for start in range(0, len(pairs), self.chunk_blocks):
             chunk = pairs[start:start + self.chunk_blocks]
             if kind == "to_host":
                 self._gather(chunk[:, 0])
-                # The device blocks have been read: reusing them needs no more than this.
-                self._mark_ready()
+                if gate:  # the device blocks have been read: reusing them needs no more
+                    self._mark_ready()
                 for pos, host, n in runs(chunk[:, 1]):
                     self.pool.data[host:host + n].copy_(self.staging[pos:pos + n],
                                                         non_blocking=self.cuda)
@@ -241,14 +248,19 @@ class HostCopier:
             torch.cuda.current_stream(self.device).wait_event(self._ready)
             self._ready = None
 
-    def overdue(self) -> list[CopyBatch]:
-        """Drop finished copies; return (and forget) those unfinished past the timeout."""
-        now, late, still = time.monotonic(), [], []
+    def wait_done(self) -> list[CopyBatch]:
+        """Wait until every queued copy has completed, at most `timeout_s` after it was
+        queued; return the copies that had not (the caller fails them). Nothing stays
+        pending afterwards."""
+        late = []
         for b in self._pending:
-            if b.done is None or b.done.query():
-                continue
-            (late if now - b.queued_at > self.timeout_s else still).append(b)
-        self._pending = still
+            deadline = b.queued_at + self.timeout_s
+            while b.done is not None and not b.done.query():
+                if time.monotonic() > deadline:
+                    late.append(b)
+                    break
+                time.sleep(POLL_S)
+        self._pending.clear()
         return late
 
     def synchronize(self) -> None:
