@@ -310,7 +310,10 @@ class LLMEngine:
         with self._lock:
             m = dict(self.core.metrics())
             m["waiting_prompt_tokens"] = int(self.core.waiting_prompt_tokens())
-            return m
+        link = getattr(self.runner, "link_bytes_per_s", None)  # measured with the host tier
+        if link:
+            m["host_link_d2h_bytes_per_s"], m["host_link_h2d_bytes_per_s"] = link
+        return m
 
     # ---- KV events (the prefix cache's stored/evicted block hashes, for routers) ----------
 
