@@ -17,6 +17,7 @@ from kvserve.host_tier import (
     check_pinnable,
     host_tier_bytes,
     mem_available,
+    resolve_host_tier,
     runs,
 )
 
@@ -50,6 +51,17 @@ def test_too_large_is_refused_naming_the_flag_and_what_is_available() -> None:
     check_pinnable(8 * GiB, 1 * GiB, 16 * GiB)
     with pytest.raises(HostTierError, match=r"--host-kv-cache: 15.00 GiB .*16.00 GiB available"):
         check_pinnable(15 * GiB, 1 * GiB, 16 * GiB)
+
+
+def test_resolve_at_start() -> None:
+    assert resolve_host_tier(None, 0, True, "cpu") == 0
+    assert resolve_host_tier(2**20, 0, True, "cpu") == 2**20
+    assert resolve_host_tier(None, 0, False, "cuda") == 0  # no prefix cache, no second tier
+    with pytest.raises(HostTierError, match="--host-kv-cache: .* needs prefix caching"):
+        resolve_host_tier(2**20, 0, False, "cpu")
+    with pytest.raises(HostTierError, match="--host-kv-cache: .* more host memory than can "
+                                            "be pinned"):
+        resolve_host_tier(4 * mem_available(), 0, True, "cpu")
 
 
 def test_runs() -> None:

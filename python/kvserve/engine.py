@@ -17,7 +17,7 @@ from kvserve.attention.kv_quant import check_kv_cache_dtype, kv_dtype_name
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.errors import InvalidRequestError
-from kvserve.host_tier import check_pinnable, host_tier_bytes, mem_available
+from kvserve.host_tier import resolve_host_tier
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -68,7 +68,9 @@ class LLMEngine:
                                       args.max_num_seqs, args.kv_cache_bytes,
                                       args.gpu_memory_utilization, args.swap_bytes,
                                       enforce_eager=args.enforce_eager, kv_dtype=kv_dtype,
-                                      host_tier_bytes=resolve_host_tier(args, self.device),
+                                      host_tier_bytes=resolve_host_tier(
+                                          args.host_kv_cache_bytes, args.swap_bytes,
+                                          args.enable_prefix_caching, self.device.type),
                                       num_gpu_blocks_override=args.num_gpu_blocks_override)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
@@ -78,7 +80,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
-            flops_per_token=cfg.flops_per_token, **_measured_rates(self.runner))
+            flops_per_token=cfg.flops_per_token, **_host_tier_settings(self.runner))
         self.invalid_request_error: type[Exception] = InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
@@ -105,22 +107,24 @@ class LLMEngine:
         with self._lock:
             plan = self.core.schedule()
             rows = [self._requests[h] for h in plan.sample_handles.tolist()]
-        if plan.num_seqs == 0:
+        if not plan.must_commit:  # nothing to run (a plan of host copies only still is)
             return []
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
-            assert logits is not None  # a plan with sequences has tokens
             # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
-            sampled = self.sampler(logits, rows, self.runner.last_greedy) if rows else None
+            sampled = self.sampler(logits, rows, self.runner.last_greedy) \
+                if rows and logits is not None else None
         except Exception as exc:  # a failed forward ends its requests, not the engine
             log.exception("engine step failed")
             return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        copies_done = self.runner.wait_copies()  # the commit tells the core they landed
         tokens = sampled.token_ids.numpy() if sampled else np.zeros(0, np.int64)
         logprobs = dict(zip(plan.sample_handles.tolist(), sampled.logprobs)) \
             if sampled and sampled.logprobs else {}
         with self._lock:
+            failed = [] if copies_done else self._fail_copies(plan.id, "host copy timed out")
             out = self.core.commit(plan.id, tokens)
-            deltas = self._collect(out, logprobs)
+            deltas = failed + self._collect(out, logprobs)
         self._notify(plan, time.perf_counter() - start)
         return deltas
 
@@ -285,18 +289,28 @@ class LLMEngine:
         with self._lock:
             return bool(self._requests) or bool(self.core.has_unfinished())
 
+    def _fail_copies(self, plan_id: int, message: str) -> list[RequestOutput]:
+        """The core ends the requests whose host-tier loads did not land and forgets the
+        host blocks offloads did not fill (nothing stale is served). Under the lock."""
+        deltas = []
+        for request_id in self.core.fail_copies(plan_id):
+            handle = int(self.core.request_stats(request_id)["handle"])
+            state = self._requests.pop(handle, None)
+            if state is not None:
+                deltas.append(_error_output(state, message))
+        return deltas
+
     def _fail(self, plan: Any, message: str) -> list[RequestOutput]:
         deltas = []
         with self._lock:
+            if len(plan.loads) or len(plan.offloads):  # never trust what they copied
+                deltas += self._fail_copies(plan.id, message)
             for h in plan.handles.tolist():
                 state = self._requests.pop(h, None)
                 if state is None:
                     continue
                 self.core.abort(state.request_id)
-                deltas.append(RequestOutput(state.request_id, finished=True,
-                                            finish_reason="error", error=message,
-                                            num_prompt_tokens=len(state.prompt_token_ids),
-                                            num_completion_tokens=len(state.output_token_ids)))
+                deltas.append(_error_output(state, message))
             # Every row's request is gone now, so the commit only closes the plan.
             self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
         return deltas
@@ -310,7 +324,7 @@ class LLMEngine:
         with self._lock:
             m = dict(self.core.metrics())
             m["waiting_prompt_tokens"] = int(self.core.waiting_prompt_tokens())
-        link = getattr(self.runner, "link_bytes_per_s", None)  # measured with the host tier
+        link = self.runner.link_bytes_per_s  # measured with the host tier
         if link:
             m["host_link_d2h_bytes_per_s"], m["host_link_h2d_bytes_per_s"] = link
         return m
@@ -356,29 +370,25 @@ class LLMEngine:
                 log.exception("step listener failed")
 
 
+def _error_output(state: RequestState, message: str) -> RequestOutput:
+    return RequestOutput(state.request_id, finished=True, finish_reason="error", error=message,
+                         num_prompt_tokens=len(state.prompt_token_ids),
+                         num_completion_tokens=len(state.output_token_ids))
+
+
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def resolve_host_tier(args: EngineArgs, device: torch.device) -> int:
-    """Bytes of the host tier for this device (host_tier.py's size rule), refused at start
-    when the host cannot hold it beside the swap space."""
-    available = mem_available()
-    tier = host_tier_bytes(args.host_kv_cache_bytes, device.type, available)
-    if tier:
-        check_pinnable(tier, args.swap_bytes, available)
-    return tier
-
-
-def _measured_rates(runner: Any) -> dict[str, float]:
-    """The core's cost-model rates where the runner measured them (host tier on): the host
-    link as one round trip's mean rate (the core charges bytes both ways at it) and the
-    device's prefill FLOP/s."""
-    link = getattr(runner, "link_bytes_per_s", None)
-    flops = getattr(runner, "prefill_flops_per_s", None)
-    if not link or not flops or min(link) <= 0:
+def _host_tier_settings(runner: Any) -> dict[str, Any]:
+    """The core's host-tier switch and the rates the runner measured for its cost model:
+    loads at the host->device rate, swaps (out and back in) at the round trip's mean rate,
+    recomputing at this device's prefill rate."""
+    link, flops = runner.link_bytes_per_s, runner.prefill_flops_per_s
+    if not runner.num_host_tier_blocks or link is None or flops is None:
         return {}
-    return {"swap_bytes_per_s": 2.0 / (1.0 / link[0] + 1.0 / link[1]),
-            "prefill_flops_per_s": float(flops)}
+    d2h, h2d = link
+    return {"host_prefix_cache": True, "load_bytes_per_s": h2d,
+            "swap_bytes_per_s": 2.0 / (1.0 / d2h + 1.0 / h2d), "prefill_flops_per_s": flops}

@@ -76,6 +76,23 @@ def check_pinnable(tier_bytes: int, swap_bytes: int, available: int) -> None:
             "--host-kv-cache (or 0 to turn the host tier off)")
 
 
+def resolve_host_tier(requested: int | None, swap_bytes: int, prefix_caching: bool,
+                      device_type: str) -> int:
+    """Bytes of the host tier at start: the size rule, refused when the host cannot hold
+    it beside the swap space. It is the prefix cache's second tier, so without prefix
+    caching the default is off and asking for it is an error."""
+    if not prefix_caching:
+        if requested:
+            raise HostTierError("--host-kv-cache: the host tier is the prefix cache's second "
+                                "tier; it needs prefix caching (drop --no-prefix-caching)")
+        return 0
+    available = mem_available()
+    tier = host_tier_bytes(requested, device_type, available)
+    if tier:
+        check_pinnable(tier, swap_bytes, available)
+    return tier
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 

@@ -210,13 +210,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: Any, greedy_only: bool = False) -> torch.Tensor | None:
-        """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows.
+        """Host copies (swap-out, swap-in, host-tier loads and offloads, in that order on the
+        copier's stream), block copies, then the forward; fp32 logits of sampled rows.
+        The forward waits for the swaps and loads on the device; offloads run under it and
+        `wait_copies` (before the commit) waits for them.
 
         greedy_only: the caller reads only last_greedy (every row greedy, no logprobs), so a
         decode graph may run the next step ahead (cuda_graphs.py) and overwrite the logits.
         """
         self.copier.to_host(plan.swap_out)
         self.copier.to_device(plan.swap_in)
+        self.copier.to_device(plan.loads)
+        self.copier.to_host(plan.offloads, gate=False)  # idle blocks: unwritten until commit
         self.copier.wait_ready()
         self._copy(plan.copies)
         self.last_greedy = None
@@ -248,6 +253,15 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         rows = torch.from_numpy(plan.logits_indices).to(dev, non_blocking=nb)
         return self.model.compute_logits(hidden[rows])
+
+    def wait_copies(self) -> bool:
+        """Wait for the host copies of the step just executed (the core's commit says they
+        are done); False when one failed to finish in time (the caller fails them)."""
+        late = self.copier.wait_done()
+        for batch in late:
+            log.error("host %s copy of %d blocks unfinished after %.1f s", batch.kind,
+                      len(batch.pairs), self.copier.timeout_s)
+        return not late
 
     def _copy(self, pairs: np.ndarray) -> None:
         if len(pairs) == 0:
