@@ -36,6 +36,9 @@ STAGING_BYTES = 256 * 2**20  # device staging for gathers/scatters, per copy chu
 COPY_TIMEOUT_S = 10.0  # a copy still unfinished this long after it was queued has failed
 BANDWIDTH_PROBE_BYTES = 256 * 2**20
 POLL_S = 50e-6  # between completion checks of a copy the commit waits for
+# Tests set False to run every copy on the compute stream and wait for it (the synchronous
+# reference that the overlapped copies must match).
+OVERLAP = True
 
 
 class HostTierError(RuntimeError):
@@ -208,8 +211,10 @@ class HostCopier:
     def _queue(self, kind: str, pairs: np.ndarray, gate: bool) -> None:
         pairs = np.ascontiguousarray(pairs, dtype=np.int64)
         batch = CopyBatch(kind, pairs, time.monotonic())
-        if self.stream is None:
+        if self.stream is None or not OVERLAP:
             self._run(kind, pairs, gate)
+            if self.cuda:
+                torch.cuda.current_stream(self.device).synchronize()
             return
         main = torch.cuda.current_stream(self.device)
         # Reads and writes of device blocks come after everything the forward queued so far.
@@ -251,7 +256,7 @@ class HostCopier:
             layer.index_copy_(0, ids, self.staging[:n, j])
 
     def _mark_ready(self) -> None:
-        if self.stream is not None:
+        if self.stream is not None and OVERLAP:
             self._ready = torch.cuda.Event()
             self._ready.record(self.stream)
 
