@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conversations import run_conversations, user_turns
 
+from conversations import run_conversations, user_turns
 from kvserve import LLM, SamplingParams
 from kvserve.host_tier import CopyBatch, HostTierError
 from kvserve.server import convert

@@ -142,8 +142,9 @@ def main() -> None:
             free(llm)
         row["speedup"] = row["recompute"]["ttft_median_s"] / row["host_tier"]["ttft_median_s"]
         report["ttft"][ctx] = row
-        print(f"ctx {ctx}: returning-turn TTFT recompute {row['recompute']['ttft_median_s']*1e3:.1f}"
-              f" ms, host tier {row['host_tier']['ttft_median_s']*1e3:.1f} ms "
+        recompute, tiered = row["recompute"]["ttft_median_s"], row["host_tier"]["ttft_median_s"]
+        print(f"ctx {ctx}: returning-turn TTFT recompute {recompute * 1e3:.1f} ms, host tier "
+              f"{tiered * 1e3:.1f} ms "
               f"({row['speedup']:.1f}x; cached {row['host_tier']['cached_tokens']})", flush=True)
     for name, tier in (("tier_off", "0"), ("tier_on", args.host_kv_cache)):
         llm = build(args.model, tier, 4096, 8192 + 64, 2048)

@@ -7,9 +7,9 @@ import gc
 
 import numpy as np
 import torch
-from conversations import run_conversations, user_turns
 from test_engine_cuda import _tiny_model
 
+from conversations import run_conversations, user_turns
 from kvserve import host_tier
 
 
