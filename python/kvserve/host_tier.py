@@ -133,9 +133,11 @@ class HostPool:
         self.pinned = True
 
     def close(self) -> None:
+        """Unpin and free the pool now (a closed engine may outlive its last reference)."""
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.pinned = False
+        self.data = self.data[:0]
 
 
 def runs(ids: np.ndarray) -> Iterator[tuple[int, int, int]]:
