@@ -137,7 +137,7 @@ class HostPool:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.data.data_ptr())
             self.pinned = False
-        self.data = self.data[:0]
+        self.data = torch.empty((0, self.parts, self.part_bytes), dtype=torch.uint8)
 
 
 def runs(ids: np.ndarray) -> Iterator[tuple[int, int, int]]:
