@@ -103,7 +103,7 @@ class LLMEngine:
             plan = self.core.schedule()
             rows = [self._requests[h] for h in plan.sample_handles.tolist()]
         if plan.num_seqs == 0:
-            return []
+            return self._run_copies_only(plan)
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
             assert logits is not None  # a plan with sequences has tokens
@@ -282,9 +282,28 @@ class LLMEngine:
         with self._lock:
             return bool(self._requests) or bool(self.core.has_unfinished())
 
+    def _run_copies_only(self, plan: Any) -> list[RequestOutput]:
+        """A plan without sequences may still carry block copies (swaps, host-tier
+        offloads); they run, and a plan whose copies the core tracks is committed."""
+        if not (len(plan.swap_out) or len(plan.swap_in) or len(plan.copies)
+                or len(plan.offloads) or len(plan.loads)):
+            return []
+        try:
+            self.runner.execute(plan)
+        except Exception as exc:  # a failed copy ends what needed it, not the engine
+            log.exception("engine copy step failed")
+            return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        if plan.must_commit:
+            with self._lock:
+                self.core.commit(plan.id, np.zeros(0, np.int64))
+        return []
+
     def _fail(self, plan: Any, message: str) -> list[RequestOutput]:
         deltas = []
         with self._lock:
+            # Host-tier copies of a failed step count as failed: what they wrote is never
+            # served (the core ends the requests that needed its loads; they are rows here).
+            self.core.fail_copies(plan.id)
             for h in plan.handles.tolist():
                 state = self._requests.pop(h, None)
                 if state is None:
@@ -295,7 +314,8 @@ class LLMEngine:
                                             num_prompt_tokens=len(state.prompt_token_ids),
                                             num_completion_tokens=len(state.output_token_ids)))
             # Every row's request is gone now, so the commit only closes the plan.
-            self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
+            if plan.must_commit:
+                self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
         return deltas
 
     # ---- load and step statistics ---------------------------------------------------------
@@ -319,7 +339,7 @@ class LLMEngine:
         with self._lock:
             return self.core.drain_kv_events()
 
-    def kv_snapshot(self) -> tuple[int, bytes]:
+    def kv_snapshot(self) -> tuple[int, bytes, bytes]:
         with self._lock:
             return self.core.kv_snapshot()
 
