@@ -107,8 +107,8 @@ class LLMEngine:
         with self._lock:
             plan = self.core.schedule()
             rows = [self._requests[h] for h in plan.sample_handles.tolist()]
-        if not plan.must_commit:  # nothing to run (a plan of host copies only still is)
-            return []
+        if plan.num_seqs == 0 and not plan.must_commit:
+            return self._run_copies_only(plan)
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
             # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
@@ -300,11 +300,24 @@ class LLMEngine:
                 deltas.append(_error_output(state, message))
         return deltas
 
+    def _run_copies_only(self, plan: Any) -> list[RequestOutput]:
+        """A plan with neither sequences nor host-tier copies may still carry swaps or block
+        copies (a step that preempted its only row): they run; there is nothing to commit."""
+        if not (len(plan.swap_out) or len(plan.swap_in) or len(plan.copies)):
+            return []
+        try:
+            self.runner.execute(plan)
+        except Exception as exc:  # a failed copy ends what needed it, not the engine
+            log.exception("engine copy step failed")
+            return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        return []
+
     def _fail(self, plan: Any, message: str) -> list[RequestOutput]:
         deltas = []
         with self._lock:
-            if len(plan.loads) or len(plan.offloads):  # never trust what they copied
-                deltas += self._fail_copies(plan.id, message)
+            # Host-tier copies of a failed step count as failed: what they wrote is never
+            # served (the core ends the requests that needed its loads; they are rows here).
+            self.core.fail_copies(plan.id)
             for h in plan.handles.tolist():
                 state = self._requests.pop(h, None)
                 if state is None:
@@ -312,7 +325,8 @@ class LLMEngine:
                 self.core.abort(state.request_id)
                 deltas.append(_error_output(state, message))
             # Every row's request is gone now, so the commit only closes the plan.
-            self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
+            if plan.must_commit:
+                self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
         return deltas
 
     # ---- load and step statistics ---------------------------------------------------------
@@ -339,7 +353,7 @@ class LLMEngine:
         with self._lock:
             return self.core.drain_kv_events()
 
-    def kv_snapshot(self) -> tuple[int, bytes]:
+    def kv_snapshot(self) -> tuple[int, bytes, bytes]:
         with self._lock:
             return self.core.kv_snapshot()
 

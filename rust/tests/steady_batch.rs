@@ -34,6 +34,8 @@ fn random_config(rng: &mut Rng) -> Config {
         flops_per_token: [0.0, 1e6, 1e9][rng.below(3) as usize],
         swap_bytes_per_s: 25e9,
         prefill_flops_per_s: 1e14,
+        host_prefix_cache: false,
+        load_bytes_per_s: 25e9,
     }
 }
 

@@ -44,6 +44,12 @@ pub struct PyPlan {
     #[pyo3(get)]
     copies: Py<PyArray2<i64>>,
     #[pyo3(get)]
+    offloads: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    loads: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    must_commit: bool,
+    #[pyo3(get)]
     continues_plan_id: Option<u64>,
 }
 
@@ -53,6 +59,7 @@ impl PyPlan {
         p: Plan,
         block_table: Bound<'_, PyArray2<i32>>,
     ) -> PyResult<Self> {
+        let must_commit = p.must_commit();
         Ok(PyPlan {
             id: p.id,
             num_seqs: p.num_seqs,
@@ -70,6 +77,9 @@ impl PyPlan {
             swap_out: pairs(py, p.swap_out)?,
             swap_in: pairs(py, p.swap_in)?,
             copies: pairs(py, p.copies)?,
+            offloads: pairs(py, p.offloads)?,
+            loads: pairs(py, p.loads)?,
+            must_commit,
             continues_plan_id: p.continues_plan_id,
         })
     }
