@@ -21,7 +21,7 @@ def main() -> None:
     ap.add_argument("--num-requests", type=int, default=24)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--rate", default="0.25")
-    ap.add_argument("--gpu-blocks", type=int, default=48, help="GPU KV blocks of 16 tokens")
+    ap.add_argument("--gpu-blocks", type=int, default=72, help="GPU KV blocks of 16 tokens")
     ap.add_argument("--host-kv-cache", default="256MiB")
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--out", default="bench_out/host_tier_cpu")
