@@ -353,7 +353,7 @@ mod tests {
         assert_eq!(ix.longest_prefixes(&[1, 2, 3])[0], ("a", 2));
         ix.evict("a", &[1]).unwrap(); // GPU lost it, host never had it: nothing left
         assert_eq!(ix.longest_prefixes_by_tier(&[1, 2])[0], ("a", 0, 0));
-        assert_eq!((ix.len(), ix.host_len()), (1, 3));
+        assert_eq!((ix.len(), ix.host_len()), (1, 4));
         assert_eq!(ix.replica_host_blocks("a").unwrap(), 3);
         ix.clear_replica("a").unwrap();
         assert_eq!((ix.len(), ix.host_len()), (0, 2));
