@@ -31,7 +31,8 @@ def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> flo
     for start in range(0, n - 1, chunk):
         end = min(start + chunk, n - 1)  # the last token is only a target
         plan = SimpleNamespace(
-            swap_out=_NO_PAIRS, swap_in=_NO_PAIRS, copies=_NO_PAIRS, num_seqs=1,
+            swap_out=_NO_PAIRS, swap_in=_NO_PAIRS, copies=_NO_PAIRS, loads=_NO_PAIRS,
+            offloads=_NO_PAIRS, num_seqs=1,
             num_tokens=end - start, num_decodes=0,
             query_start_loc=np.array([0, end - start], dtype=np.int32),
             seq_lens=np.array([end], dtype=np.int32),
