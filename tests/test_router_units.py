@@ -160,6 +160,23 @@ def test_a_queue_that_will_hit_the_cache_costs_less() -> None:
     )
 
 
+def test_a_host_tier_hit_counts_at_its_discount() -> None:
+    from kvserve.router.policy import HOST_HIT_COST, predicted_ttft
+
+    gpu = cand("gpu", cached_tokens=1600)
+    host = cand("host", host_cached_tokens=1600)
+    cold = cand("cold")
+    assert [c.name for c in Router("kv").rank([cold, host, gpu], 2000)] == ["gpu", "host", "cold"]
+    # 400 computed tokens plus 1600 loaded at HOST_HIT_COST each, over 1000 tokens/s
+    want = 0.001 + (400 + HOST_HIT_COST * 1600) / 1000.0 + 0.01
+    assert predicted_ttft(host, 2000, 1000.0) == pytest.approx(want)
+    # A host part reaching the whole prompt still computes its last token.
+    whole = cand("whole", host_cached_tokens=5000)
+    assert predicted_ttft(whole, 2000, 1000.0) == pytest.approx(
+        0.001 + (1 + HOST_HIT_COST * 1999) / 1000.0 + 0.01
+    )
+
+
 def test_round_robin_cycles_least_load_prefers_idle_random_is_seeded() -> None:
     cands = [cand("a", in_flight=3), cand("b", in_flight=1), cand("c", in_flight=2)]
     rr = Router("round-robin")

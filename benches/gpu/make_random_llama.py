@@ -1,7 +1,7 @@
 """Write a Hugging Face Llama directory with random bf16 weights (Llama-3-8B shapes by
 default) and a small byte-level BPE tokenizer, for timing runs that need a model path.
 
-    python benches/gpu/make_random_llama.py OUT_DIR [--layers 32]
+    python benches/gpu/make_random_llama.py OUT_DIR [--layers 32] [--max-position-embeddings N]
 
 Weights are drawn on the GPU (N(0, 0.02), norms 1) one layer at a time and saved as one
 safetensors file per layer; the tokenizer is tests/tiny_models.py's (ids past its vocabulary
@@ -31,10 +31,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--max-position-embeddings", type=int,
+                    default=LLAMA3_8B["max_position_embeddings"],
+                    help="longest context the config allows (the host tier bench needs 32k+)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**LLAMA3_8B, "num_hidden_layers": args.layers}
+    cfg = {**LLAMA3_8B, "num_hidden_layers": args.layers,
+           "max_position_embeddings": args.max_position_embeddings}
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     d = h // cfg["num_attention_heads"]
     kv = cfg["num_key_value_heads"] * d

@@ -17,6 +17,7 @@ from kvserve.attention.kv_quant import check_kv_cache_dtype, kv_dtype_name
 from kvserve.detokenizer import IncrementalDetokenizer
 from kvserve.engine_args import EngineArgs
 from kvserve.errors import InvalidRequestError
+from kvserve.host_tier import resolve_host_tier
 from kvserve.model import load_checkpoint
 from kvserve.outputs import RequestOutput, StepStats
 from kvserve.request_state import RequestState
@@ -70,7 +71,11 @@ class LLMEngine:
                                       self.max_model_len, int(args.max_num_batched_tokens),
                                       args.max_num_seqs, args.kv_cache_bytes,
                                       args.gpu_memory_utilization, args.swap_bytes,
-                                      enforce_eager=args.enforce_eager, kv_dtype=kv_dtype)
+                                      enforce_eager=args.enforce_eager, kv_dtype=kv_dtype,
+                                      host_tier_bytes=resolve_host_tier(
+                                          args.host_kv_cache_bytes, args.swap_bytes,
+                                          args.enable_prefix_caching, self.device.type),
+                                      num_gpu_blocks_override=args.num_gpu_blocks_override)
         self.core = _core.Core(
             num_gpu_blocks=self.runner.num_blocks, block_size=args.block_size,
             num_host_blocks=self.runner.num_host_blocks, max_num_seqs=args.max_num_seqs,
@@ -79,7 +84,7 @@ class LLMEngine:
             enable_prefix_caching=args.enable_prefix_caching,
             preemption_mode=args.preemption_mode,
             kv_bytes_per_token=self.runner.kv_bytes_per_token,
-            flops_per_token=cfg.flops_per_token)
+            flops_per_token=cfg.flops_per_token, **_host_tier_settings(self.runner))
         self.invalid_request_error: type[Exception] = InvalidRequestError
         self.sampler = Sampler(torch.Generator(self.device).manual_seed(args.seed))
         self.vocab_size = cfg.vocab_size
@@ -124,22 +129,24 @@ class LLMEngine:
         with self._lock:
             plan = self.core.schedule()
             rows = [self._requests[h] for h in plan.sample_handles.tolist()]
-        if plan.num_seqs == 0:
-            return {}
+        if plan.num_seqs == 0 and not plan.must_commit:
+            return self._run_copies_only(plan)
         try:
             logits = self.runner.execute(plan, greedy_only=Sampler.greedy_only(rows))
-            assert logits is not None  # a plan with sequences has tokens
             # last_greedy: the argmax the decode graph computed, if a graph ran (else None).
-            sampled = self.sampler(logits, rows, self.runner.last_greedy) if rows else None
+            sampled = self.sampler(logits, rows, self.runner.last_greedy) \
+                if rows and logits is not None else None
         except Exception as exc:  # a failed forward ends its requests, not the engine
             log.exception("engine step failed")
             return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        copies_done = self.runner.wait_copies()  # the commit tells the core they landed
         tokens = sampled.token_ids.numpy() if sampled else np.zeros(0, np.int64)
         logprobs = dict(zip(plan.sample_handles.tolist(), sampled.logprobs)) \
             if sampled and sampled.logprobs else {}
         with self._lock:
+            failed = {} if copies_done else self._fail_copies(plan.id, "host copy timed out")
             out = self.core.commit(plan.id, tokens)
-            deltas = self._collect(out, logprobs)
+            deltas = failed | self._collect(out, logprobs)
         self._notify(plan, time.perf_counter() - start)
         return deltas
 
@@ -316,20 +323,44 @@ class LLMEngine:
         with self._lock:
             return bool(self._requests) or bool(self.core.has_unfinished())
 
+    def _fail_copies(self, plan_id: int, message: str) -> dict[int, RequestOutput]:
+        """The core ends the requests whose host-tier loads did not land and forgets the
+        host blocks offloads did not fill (nothing stale is served). Under the lock."""
+        deltas: dict[int, RequestOutput] = {}
+        for request_id in self.core.fail_copies(plan_id):
+            handle = int(self.core.request_stats(request_id)["handle"])
+            state = self._requests.pop(handle, None)
+            if state is not None:
+                deltas[handle] = _error_output(state, message)
+        return deltas
+
+    def _run_copies_only(self, plan: Plan) -> dict[int, RequestOutput]:
+        """A plan with neither sequences nor host-tier copies may still carry swaps or block
+        copies (a step that preempted its only row): they run; there is nothing to commit."""
+        if not (len(plan.swap_out) or len(plan.swap_in) or len(plan.copies)):
+            return {}
+        try:
+            self.runner.execute(plan)
+        except Exception as exc:  # a failed copy ends what needed it, not the engine
+            log.exception("engine copy step failed")
+            return self._fail(plan, f"{type(exc).__name__}: {exc}")
+        return {}
+
     def _fail(self, plan: Plan, message: str) -> dict[int, RequestOutput]:
-        deltas = {}
+        deltas: dict[int, RequestOutput] = {}
         with self._lock:
+            # Host-tier copies of a failed step count as failed: what they wrote is never
+            # served (the core ends the requests that needed its loads; they are rows here).
+            self.core.fail_copies(plan.id)
             for h in plan.handles.tolist():
                 state = self._requests.pop(h, None)
                 if state is None:
                     continue
                 self.core.abort(state.request_id)
-                deltas[h] = RequestOutput(state.request_id, finished=True,
-                                          finish_reason="error", error=message,
-                                          num_prompt_tokens=len(state.prompt_token_ids),
-                                          num_completion_tokens=len(state.output_token_ids))
+                deltas[h] = _error_output(state, message)
             # Every row's request is gone now, so the commit only closes the plan.
-            self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
+            if plan.must_commit:
+                self.core.commit(plan.id, np.zeros(len(plan.sample_handles), np.int64))
         return deltas
 
     # ---- load and step statistics ---------------------------------------------------------
@@ -341,7 +372,10 @@ class LLMEngine:
         with self._lock:
             m = dict(self.core.metrics())
             m["waiting_prompt_tokens"] = int(self.core.waiting_prompt_tokens())
-            return m
+        link = self.runner.link_bytes_per_s  # measured with the host tier
+        if link:
+            m["host_link_d2h_bytes_per_s"], m["host_link_h2d_bytes_per_s"] = link
+        return m
 
     # ---- KV events (the prefix cache's stored/evicted block hashes, for routers) ----------
 
@@ -353,7 +387,7 @@ class LLMEngine:
         with self._lock:
             return self.core.drain_kv_events()
 
-    def kv_snapshot(self) -> tuple[int, bytes]:
+    def kv_snapshot(self) -> tuple[int, bytes, bytes]:
         with self._lock:
             return self.core.kv_snapshot()
 
@@ -384,7 +418,25 @@ class LLMEngine:
                 log.exception("step listener failed")
 
 
+def _error_output(state: RequestState, message: str) -> RequestOutput:
+    return RequestOutput(state.request_id, finished=True, finish_reason="error", error=message,
+                         num_prompt_tokens=len(state.prompt_token_ids),
+                         num_completion_tokens=len(state.output_token_ids))
+
+
 def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _host_tier_settings(runner: Any) -> dict[str, Any]:
+    """The core's host-tier switch and the rates the runner measured for its cost model:
+    loads at the host->device rate, swaps (out and back in) at the round trip's mean rate,
+    recomputing at this device's prefill rate."""
+    link, flops = runner.link_bytes_per_s, runner.prefill_flops_per_s
+    if not runner.num_host_tier_blocks or link is None or flops is None:
+        return {}
+    d2h, h2d = link
+    return {"host_prefix_cache": True, "load_bytes_per_s": h2d,
+            "swap_bytes_per_s": 2.0 / (1.0 / d2h + 1.0 / h2d), "prefill_flops_per_s": flops}

@@ -56,6 +56,11 @@ class EngineArgs:
     kv_cache_dtype: str = "auto"  # what the KV cache stores; auto: the model dtype
     gpu_memory_utilization: float = 0.90  # CUDA: fraction of device memory kvserve may use
     swap_space: str | int = "1GiB"  # host pool for swapped-out KV blocks
+    # Host tier under the prefix cache (evicted blocks kept in host memory); None: the
+    # device's default (host_tier.py: off on CPU, on CUDA a quarter of available memory
+    # capped at 32 GiB); 0 turns it off.
+    host_kv_cache: str | int | None = None
+    num_gpu_blocks_override: int | None = None  # a GPU pool of exactly this many blocks
     enable_prefix_caching: bool = True
     preemption_mode: str = "auto"
     attention_backend: str | None = None  # None: cuda on CUDA devices, else torch
@@ -93,6 +98,13 @@ class EngineArgs:
                              f"{self.gpu_memory_utilization!r}")
         self.kv_cache_bytes = parse_size(self.kv_cache_memory, "kv_cache_memory")
         self.swap_bytes = parse_size(self.swap_space, "swap_space")
+        self.host_kv_cache_bytes = (None if self.host_kv_cache in (None, "auto")
+                                    else parse_size(self.host_kv_cache, "host_kv_cache"))
+        override = self.num_gpu_blocks_override
+        if override is not None and (not isinstance(override, int) or isinstance(override, bool)
+                                     or override < 1):
+            raise ValueError("num_gpu_blocks_override: must be a positive integer, got "
+                             f"{override!r}")
 
     def resolve_token_budget(self, profile: Profile | None, max_model_len: int | None = None,
                              device_name: str = "") -> int:
@@ -158,6 +170,11 @@ class EngineArgs:
             help="what the KV cache stores (auto: the model dtype; fp8_e4m3 halves its bytes, "
                  "with per layer and KV head scales calibrated at start)")
         add("--swap-space", default="1GiB", help="host swap pool size, e.g. 4GiB")
+        add("--host-kv-cache", default=None,
+            help="host-memory tier under the prefix cache, e.g. 16GiB (0: off; default: off "
+                 "on CPU, on CUDA 1/4 of available host memory up to 32GiB, pinned)")
+        add("--num-gpu-blocks-override", type=int, default=None,
+            help="use exactly this many GPU KV blocks (tests and benchmarks of a small pool)")
         add("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
             help="disable prefix caching")
         add("--preemption-mode", default="auto", choices=PREEMPTION_MODES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,7 @@ import torch
 from kvserve.attention import kv_quant
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.cuda_graphs import DecodeGraphs
+from kvserve.host_tier import STAGING_BYTES, HostCopier, HostPool
 from kvserve.model import Checkpoint, build_model
 from kvserve.model.llama import Attention
 
@@ -20,6 +22,7 @@ if TYPE_CHECKING:
     from kvserve._core import Plan
 
 log = logging.getLogger(__name__)
+PREFILL_PROBE_TOKENS = 256  # the start-up prefill that measures the device's FLOP rate
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class ModelRunner:
                  dtype: torch.dtype, block_size: int, max_model_len: int,
                  max_num_batched_tokens: int, max_num_seqs: int, kv_cache_bytes: int,
                  gpu_memory_utilization: float, swap_bytes: int,
-                 enforce_eager: bool = False, kv_dtype: torch.dtype | None = None) -> None:
+                 enforce_eager: bool = False, kv_dtype: torch.dtype | None = None,
+                 host_tier_bytes: int = 0, num_gpu_blocks_override: int | None = None) -> None:
         cfg = ckpt.config
         self.config, self.device, self.dtype, self.block_size = cfg, device, dtype, block_size
         self.kv_dtype = kv_dtype or dtype  # what the cache stores (--kv-cache-dtype)
@@ -72,24 +76,44 @@ class ModelRunner:
         # K and V, all layers: what one cached token costs.
         self.kv_bytes_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * elem
         self.block_bytes = self.kv_bytes_per_token * block_size
+        # Swap and the host tier share one host pool (one accounting, the core's).
+        self.num_host_tier_blocks = host_tier_bytes // self.block_bytes
+        self.num_host_blocks = swap_bytes // self.block_bytes + self.num_host_tier_blocks
+        staging = self._staging_bytes()
         if device.type == "cuda":
             budget = self._profile_cuda(max_num_batched_tokens, max_num_seqs, max_model_len,
-                                        gpu_memory_utilization)
+                                        gpu_memory_utilization) - staging
         else:
             budget = kv_cache_bytes
         self.num_blocks = budget // self.block_bytes
+        if num_gpu_blocks_override is not None:
+            if device.type == "cuda" and num_gpu_blocks_override > self.num_blocks:
+                raise ValueError(f"num_gpu_blocks_override: {num_gpu_blocks_override} blocks "
+                                 f"do not fit; the device has room for {self.num_blocks}")
+            self.num_blocks = num_gpu_blocks_override
         if self.num_blocks < 1:
             raise ValueError(f"kv_cache_memory: {budget} bytes hold no KV block "
                              f"(one block needs {self.block_bytes} bytes)")
-        self.num_host_blocks = swap_bytes // self.block_bytes
-        self.kv_caches = self._allocate(self.num_blocks, device, pin=False)
-        # Host blocks are read only after a swap-out wrote them: no need to zero them.
-        self.host_caches = (self._allocate(self.num_host_blocks, torch.device("cpu"),
-                                           pin=device.type == "cuda", zeroed=False)
-                            if self.num_host_blocks else [])
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), host swap %d blocks",
-                 self.num_blocks, block_size, self.num_blocks * self.block_bytes / 2**20,
-                 self.num_host_blocks)
+        self.kv_caches = self._allocate(self.num_blocks, device)
+        self.host_pool = HostPool(self.num_host_blocks, 2 * cfg.num_layers,
+                                  self.block_bytes // (2 * cfg.num_layers),
+                                  pin=device.type == "cuda")
+        self.copier = HostCopier(self.kv_caches, self.host_pool, device, staging)
+        # The host link's rates each way (bytes/s) and this device's prefill rate (FLOP/s),
+        # measured for the core's load-or-recompute choice when the host tier is on.
+        self.link_bytes_per_s: tuple[float, float] | None = None
+        self.prefill_flops_per_s: float | None = None
+        if self.num_host_tier_blocks:
+            self.link_bytes_per_s = self.copier.measure_bandwidth()
+            self.prefill_flops_per_s = self._measure_prefill_rate(
+                min(PREFILL_PROBE_TOKENS, max_num_batched_tokens, max_model_len - 1))
+            log.info("host link %.1f GB/s device->host, %.1f GB/s host->device; prefill "
+                     "%.3g FLOP/s", self.link_bytes_per_s[0] / 1e9,
+                     self.link_bytes_per_s[1] / 1e9, self.prefill_flops_per_s)
+        log.info("KV cache: %d blocks of %d tokens (%.1f MiB), host pool %d blocks "
+                 "(%d of them the host tier, %.1f MiB)", self.num_blocks, block_size,
+                 self.num_blocks * self.block_bytes / 2**20, self.num_host_blocks,
+                 self.num_host_tier_blocks, self.num_host_blocks * self.block_bytes / 2**20)
         self.graphs: DecodeGraphs | None = None
         # After execute(): the argmax of the returned logits when the step computed it on the
         # device (graph replays), else None. The sampler's greedy fast path takes it.
@@ -108,12 +132,14 @@ class ModelRunner:
         if self.graphs is not None:
             self.graphs.close()
             self.graphs = None
-        self.kv_caches, self.host_caches = [], []
+        self.copier.synchronize()
+        self.host_pool.close()
+        self.kv_caches = []
         self.model = None  # type: ignore[assignment]
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _allocate(self, num_blocks: int, device: torch.device, pin: bool, zeroed: bool = True,
+    def _allocate(self, num_blocks: int, device: torch.device,
                   dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         cfg = self.config
         dtype = dtype or self.kv_dtype
@@ -121,12 +147,40 @@ class ModelRunner:
                                             cfg.head_dim)
 
         def make() -> torch.Tensor:
-            if zeroed and device.type == "cpu" and not pin:
+            if device.type == "cpu":
                 return _calloc_zeros(shape, dtype)
-            alloc = torch.zeros if zeroed else torch.empty
-            return alloc(shape, dtype=dtype, device=device, pin_memory=pin)
+            return torch.zeros(shape, dtype=dtype, device=device)
 
         return [(make(), make()) for _ in range(cfg.num_layers)]
+
+    def _staging_bytes(self) -> int:
+        """Device memory the host copier stages copies in: a chunk of at most STAGING_BYTES
+        (at least one block), nothing without a host pool."""
+        if not self.num_host_blocks:
+            return 0
+        blocks = min(self.num_host_blocks, max(1, STAGING_BYTES // self.block_bytes))
+        return blocks * self.block_bytes
+
+    @torch.inference_mode()
+    def _measure_prefill_rate(self, n: int) -> float:
+        """FLOP/s of an n-token prefill on this device (best of two after a warm-up), counted
+        the core's way (flops_per_token per token)."""
+        blocks = (n + self.block_size - 1) // self.block_size
+        caches = self._allocate(blocks, self.device)
+        meta = _meta_for_one_prefill(n, self.block_size, self.device)
+        ids = torch.zeros(n, dtype=torch.long, device=self.device)
+        positions = torch.arange(n, device=self.device)
+        best = float("inf")
+        for rep in range(3):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            self.model(ids, positions, meta, caches)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if rep:
+                best = min(best, time.perf_counter() - t0)
+        return n * self.config.flops_per_token / max(best, 1e-9)
 
     @torch.inference_mode()
     def _calibrate_fp8(self, n: int) -> None:
@@ -135,7 +189,7 @@ class ModelRunner:
         gen = torch.Generator().manual_seed(kv_quant.CALIBRATION_SEED)
         ids = torch.randint(0, self.config.vocab_size, (n,), generator=gen).to(self.device)
         blocks = (n + self.block_size - 1) // self.block_size
-        caches = self._allocate(blocks, self.device, pin=False, dtype=self.dtype)
+        caches = self._allocate(blocks, self.device, dtype=self.dtype)
         meta = _meta_for_one_prefill(n, self.block_size, self.device)
         self.model(ids, torch.arange(n, device=self.device), meta, caches)
         for layer, (k, v) in zip(self.model.layers, caches):
@@ -156,7 +210,7 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         blocks = (max_tokens + self.block_size - 1) // self.block_size
-        caches = self._allocate(blocks, self.device, pin=False)
+        caches = self._allocate(blocks, self.device)
         meta = _meta_for_one_prefill(max_tokens, self.block_size, self.device)
         ids = torch.zeros(max_tokens, dtype=torch.long, device=self.device)
         # Positions wrap at max_model_len: the RoPE table holds no more (only shapes matter).
@@ -178,13 +232,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, plan: Plan, greedy_only: bool = False) -> torch.Tensor | None:
-        """Swaps out, swaps in, block copies, then the forward; fp32 logits of sampled rows.
+        """Host copies (swap-out, swap-in, host-tier loads and offloads, in that order on the
+        copier's stream), block copies, then the forward; fp32 logits of sampled rows.
+        The forward waits for the swaps and loads on the device; offloads run under it and
+        `wait_copies` (before the commit) waits for them.
 
         greedy_only: the caller reads only last_greedy (every row greedy, no logprobs), so a
         decode graph may run the next step ahead (cuda_graphs.py) and overwrite the logits.
         """
-        self._swap(plan.swap_out, to_host=True)
-        self._swap(plan.swap_in, to_host=False)
+        self.copier.to_host(plan.swap_out)
+        self.copier.to_device(plan.swap_in)
+        self.copier.to_device(plan.loads)
+        self.copier.to_host(plan.offloads, gate=False)  # idle blocks: unwritten until commit
+        self.copier.wait_ready()
         self._copy(plan.copies)
         self.last_greedy = None
         if plan.num_tokens == 0:
@@ -221,19 +281,14 @@ class ModelRunner:
         rows = torch.from_numpy(plan.logits_indices).to(dev, non_blocking=nb)
         return self.model.compute_logits(hidden[rows])
 
-    def _swap(self, pairs: np.ndarray, to_host: bool) -> None:
-        if len(pairs) == 0:
-            return
-        src_ids = torch.from_numpy(np.ascontiguousarray(pairs[:, 0]))
-        dst_ids = torch.from_numpy(np.ascontiguousarray(pairs[:, 1]))
-        gpu_ids, host_ids = (src_ids, dst_ids) if to_host else (dst_ids, src_ids)
-        gpu_ids = gpu_ids.to(self.device)
-        for gpu, host in zip(self.kv_caches, self.host_caches):
-            for g, h in zip(gpu, host):
-                if to_host:
-                    h[host_ids] = g[gpu_ids].to("cpu")
-                else:
-                    g[gpu_ids] = h[host_ids].to(self.device, non_blocking=True)
+    def wait_copies(self) -> bool:
+        """Wait for the host copies of the step just executed (the core's commit says they
+        are done); False when one failed to finish in time (the caller fails them)."""
+        late = self.copier.wait_done()
+        for batch in late:
+            log.error("host %s copy of %d blocks unfinished after %.1f s", batch.kind,
+                      len(batch.pairs), self.copier.timeout_s)
+        return not late
 
     def _copy(self, pairs: np.ndarray) -> None:
         if len(pairs) == 0:

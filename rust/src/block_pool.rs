@@ -27,6 +27,9 @@ pub struct BlockPool {
     num_cached: usize,
     num_used: usize,
     evictions: u64,
+    /// Blocks that went onto the LRU list since the last `take_lru_entries`, when tracked
+    /// (the host tier offloads them).
+    lru_entries: Option<Vec<u32>>,
 }
 
 /// What an allocation evicted: the prefix hash the caller must forget.
@@ -55,6 +58,33 @@ impl BlockPool {
             num_cached: 0,
             num_used: 0,
             evictions: 0,
+            lru_entries: None,
+        }
+    }
+
+    /// Starts recording the blocks that go onto the LRU list (for `take_lru_entries`).
+    pub fn track_lru_entries(&mut self) {
+        self.lru_entries.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether blocks went onto the LRU list since the last `take_lru_entries`.
+    pub fn has_lru_entries(&self) -> bool {
+        self.lru_entries.as_ref().is_some_and(|v| !v.is_empty())
+    }
+
+    /// Moves the recorded LRU entries (oldest first) into `out`. An entry may be stale: the
+    /// block may have been taken again or evicted since.
+    pub fn take_lru_entries(&mut self, out: &mut Vec<u32>) {
+        if let Some(v) = &mut self.lru_entries {
+            out.append(v);
+        }
+    }
+
+    /// Marks a cached block as just used (moves it to the LRU list's most recent end).
+    pub fn touch(&mut self, block: u32) {
+        if self.blocks[block as usize].in_lru {
+            self.lru_remove(block);
+            self.lru_push_tail(block);
         }
     }
 
@@ -150,6 +180,9 @@ impl BlockPool {
             self.num_used -= 1;
             if b.hash.is_some() {
                 self.lru_push_tail(block);
+                if let Some(v) = &mut self.lru_entries {
+                    v.push(block);
+                }
             } else {
                 self.free.push(block);
             }

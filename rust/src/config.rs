@@ -47,6 +47,12 @@ pub struct Config {
     /// How many evicted block digests are remembered (to count recomputed tokens); None:
     /// four per GPU block, at most 2**20.
     pub evicted_memory: Option<usize>,
+    /// Host memory as a second prefix-cache tier: GPU prefix blocks going idle are copied
+    /// to host blocks and loaded back on a hit (needs `num_host_blocks > 0` and prefix
+    /// caching).
+    pub host_prefix_cache: bool,
+    /// Host -> GPU bandwidth, for the host tier's load-or-recompute choice.
+    pub load_bytes_per_s: f64,
 }
 
 impl Default for Config {
@@ -68,6 +74,8 @@ impl Default for Config {
             prefill_flops_per_s: 1e14,
             finished_memory: 4096,
             evicted_memory: None,
+            host_prefix_cache: false,
+            load_bytes_per_s: 25e9,
         }
     }
 }
@@ -114,6 +122,21 @@ impl Config {
         }
         if !(self.prefill_flops_per_s > 0.0 && self.prefill_flops_per_s.is_finite()) {
             return Err(config("prefill_flops_per_s", "must be a finite number > 0"));
+        }
+        if !(self.load_bytes_per_s > 0.0 && self.load_bytes_per_s.is_finite()) {
+            return Err(config("load_bytes_per_s", "must be a finite number > 0"));
+        }
+        if self.host_prefix_cache && self.num_host_blocks == 0 {
+            return Err(config(
+                "host_prefix_cache",
+                "needs host blocks (num_host_blocks > 0)",
+            ));
+        }
+        if self.host_prefix_cache && !self.enable_prefix_caching {
+            return Err(config(
+                "host_prefix_cache",
+                "needs enable_prefix_caching (it is the prefix cache's second tier)",
+            ));
         }
         if self.preemption_mode == PreemptionMode::Swap && self.num_host_blocks == 0 {
             return Err(config(
@@ -168,6 +191,16 @@ mod tests {
             |c| c.preemption_mode = PreemptionMode::Swap,
             "num_host_blocks",
         );
+        bad(|c| c.host_prefix_cache = true, "host_prefix_cache");
+        bad(
+            |c| {
+                c.host_prefix_cache = true;
+                c.num_host_blocks = 4;
+                c.enable_prefix_caching = false;
+            },
+            "host_prefix_cache",
+        );
+        bad(|c| c.load_bytes_per_s = 0.0, "load_bytes_per_s");
         for bs in [1, 2, 4, 8, 16, 32, 64, 128, 256] {
             let c = Config {
                 block_size: bs,

@@ -9,8 +9,14 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum KvEventKind {
+    /// The block is now cached on the GPU.
     Stored = 1,
+    /// The block left the GPU (it may still be on the host: see the host kinds).
     Evicted = 2,
+    /// The host prefix tier now holds a copy of the block.
+    HostStored = 3,
+    /// The host prefix tier dropped its copy.
+    HostEvicted = 4,
 }
 
 /// Events taken out of the log by one `drain`.

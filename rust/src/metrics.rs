@@ -30,6 +30,21 @@ pub struct Counters {
     pub requests_finished: u64,
     pub requests_aborted: u64,
     pub requests_rejected: u64,
+    /// Prompt tokens served by each tier (their sum is `prefix_hits_tokens`).
+    pub prefix_hits_gpu_tokens: u64,
+    pub prefix_hits_host_tokens: u64,
+    /// Host tier copies, by direction, counted when scheduled.
+    pub host_offloaded_blocks: u64,
+    pub host_loaded_blocks: u64,
+    /// Admissions whose longest prefix reached the host tier: loaded, or recomputed
+    /// because the cost model found that cheaper.
+    pub host_load_decisions: u64,
+    pub host_recompute_decisions: u64,
+    /// Cached host blocks dropped to make room (for offloads or swaps).
+    pub host_evictions: u64,
+    /// Host tier copies reported failed (`fail_copies`), and requests ended by them.
+    pub host_copy_failures: u64,
+    pub host_copy_failed_requests: u64,
 }
 
 pub type Snapshot = Vec<(&'static str, MetricValue)>;
@@ -43,7 +58,13 @@ pub struct QueueLengths {
 }
 
 /// A snapshot of gauges and counters (names are the metrics dict's keys).
-pub fn snapshot(c: &Counters, gpu: &BlockPool, host: &BlockPool, queues: QueueLengths) -> Snapshot {
+pub fn snapshot(
+    c: &Counters,
+    gpu: &BlockPool,
+    host: &BlockPool,
+    queues: QueueLengths,
+    block_bytes: u64,
+) -> Snapshot {
     use MetricValue::{Float, Int};
     let frac = |used: usize, total: usize| {
         if total == 0 {
@@ -100,5 +121,30 @@ pub fn snapshot(c: &Counters, gpu: &BlockPool, host: &BlockPool, queues: QueueLe
         ("requests_added", Int(c.requests_added)),
         ("requests_finished", Int(c.requests_finished)),
         ("requests_aborted", Int(c.requests_aborted)),
+        ("prefix_hits_gpu_tokens", Int(c.prefix_hits_gpu_tokens)),
+        ("prefix_hits_host_tokens", Int(c.prefix_hits_host_tokens)),
+        ("host_blocks_cached", Int(host.num_cached() as u64)),
+        (
+            "host_cache_usage",
+            Float(frac(host.num_cached(), host.num_blocks())),
+        ),
+        ("host_offloaded_blocks", Int(c.host_offloaded_blocks)),
+        ("host_loaded_blocks", Int(c.host_loaded_blocks)),
+        (
+            "host_offloaded_bytes",
+            Int(c.host_offloaded_blocks.saturating_mul(block_bytes)),
+        ),
+        (
+            "host_loaded_bytes",
+            Int(c.host_loaded_blocks.saturating_mul(block_bytes)),
+        ),
+        ("host_load_decisions", Int(c.host_load_decisions)),
+        ("host_recompute_decisions", Int(c.host_recompute_decisions)),
+        ("host_evictions", Int(c.host_evictions)),
+        ("host_copy_failures", Int(c.host_copy_failures)),
+        (
+            "host_copy_failed_requests",
+            Int(c.host_copy_failed_requests),
+        ),
     ]
 }

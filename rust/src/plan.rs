@@ -26,6 +26,12 @@ pub struct Plan {
     pub swap_out: Vec<i64>,
     pub swap_in: Vec<i64>,
     pub copies: Vec<i64>,
+    /// Host prefix tier, flattened pairs: (gpu, host) copies of idle cached GPU blocks
+    /// (the GPU block is neither written nor reused before this plan's commit, so these
+    /// may overlap the forward but must finish before `commit`), and (host, gpu) loads
+    /// into fresh GPU blocks (must land before the forward reads them).
+    pub offloads: Vec<i64>,
+    pub loads: Vec<i64>,
     /// The previous plan's id when this plan is that plan's forward one step on: the same
     /// rows, all decodes, each one position further and fed the token its commit sampled,
     /// the same block table, nothing to swap or copy (a decode step run ahead on the
@@ -52,6 +58,14 @@ impl Plan {
                 .positions
                 .iter()
                 .all(|&p| (p + 1) & mask != 0 && p + 1 < limit);
+    }
+}
+
+impl Plan {
+    /// Whether the plan must be committed before the next `schedule`: it has sequences,
+    /// or host-tier copies whose completion the commit reports.
+    pub fn must_commit(&self) -> bool {
+        self.num_seqs > 0 || !self.offloads.is_empty() || !self.loads.is_empty()
     }
 }
 

@@ -172,6 +172,17 @@ impl PrefixCache {
         )
     }
 
+    /// Records an event of another tier (the host tier's) in the same log, so one
+    /// sequence orders both tiers.
+    pub fn record_event(&mut self, kind: KvEventKind, hash: u128) {
+        self.events.record(kind, hash);
+    }
+
+    /// The sequence number of the latest event.
+    pub fn last_event_seq(&self) -> u64 {
+        self.events.last_seq()
+    }
+
     pub fn was_evicted(&self, hash: u128) -> bool {
         self.evicted.contains_key(&hash)
     }

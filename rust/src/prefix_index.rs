@@ -1,8 +1,10 @@
 //! The router's global prefix index: block hash -> the replicas whose prefix cache holds
 //! it, fed by each replica's KV events. A hash maps to a bit set of replica slots, so a
 //! lookup walks the prompt's hash chain once for all replicas and stops as soon as no
-//! replica holds the next block. Memory is bounded: each replica may hold at most
-//! `max_blocks_per_replica` entries (stores past that are counted and dropped).
+//! replica holds the next block. Each tier of a replica's cache (GPU, host) has its own
+//! map, so a lookup tells how much of a prefix is on the GPU and how much more only on
+//! the host. Memory is bounded: each replica may hold at most `max_blocks_per_replica`
+//! entries per tier (stores past that are counted and dropped).
 
 use std::collections::HashMap;
 
@@ -21,16 +23,25 @@ pub enum IndexError {
     UnknownReplica(String),
 }
 
+/// A tier of a replica's prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    Gpu = 0,
+    Host = 1,
+}
+
 #[derive(Debug, Clone)]
 struct Replica {
     name: String,
-    blocks: usize,
+    /// Entries per tier.
+    blocks: [usize; 2],
     dropped: u64,
 }
 
 #[derive(Debug)]
 pub struct PrefixIndex {
-    map: DigestMap<u128>,
+    /// Per tier: hash -> bit set of the replicas holding it there.
+    maps: [DigestMap<u128>; 2],
     slots: Vec<Option<Replica>>,
     by_name: HashMap<String, usize>,
     max_blocks_per_replica: usize,
@@ -39,7 +50,7 @@ pub struct PrefixIndex {
 impl PrefixIndex {
     pub fn new(max_blocks_per_replica: usize) -> Self {
         PrefixIndex {
-            map: DigestMap::default(),
+            maps: [DigestMap::default(), DigestMap::default()],
             slots: Vec::new(),
             by_name: HashMap::new(),
             max_blocks_per_replica,
@@ -61,7 +72,7 @@ impl PrefixIndex {
         };
         self.slots[slot] = Some(Replica {
             name: name.to_string(),
-            blocks: 0,
+            blocks: [0, 0],
             dropped: 0,
         });
         self.by_name.insert(name.to_string(), slot);
@@ -83,21 +94,38 @@ impl PrefixIndex {
         }
     }
 
-    /// Records that `name` caches `hashes`; returns how many were new for it.
+    /// Records that `name` caches `hashes` on the GPU; returns how many were new for it.
     pub fn store(&mut self, name: &str, hashes: &[u128]) -> Result<usize, IndexError> {
+        self.store_in(Tier::Gpu, name, hashes)
+    }
+
+    /// Records that `name` no longer caches `hashes` on the GPU.
+    pub fn evict(&mut self, name: &str, hashes: &[u128]) -> Result<usize, IndexError> {
+        self.evict_from(Tier::Gpu, name, hashes)
+    }
+
+    /// Records that `name` caches `hashes` in `tier`; returns how many were new there.
+    pub fn store_in(
+        &mut self,
+        tier: Tier,
+        name: &str,
+        hashes: &[u128],
+    ) -> Result<usize, IndexError> {
         let slot = self.slot(name)?;
+        let t = tier as usize;
         let bit = 1u128 << slot;
         let cap = self.max_blocks_per_replica;
-        let mut blocks = self.replica_mut(slot).blocks;
+        let mut blocks = self.replica_mut(slot).blocks[t];
         let (mut added, mut dropped) = (0, 0);
+        let map = &mut self.maps[t];
         for &h in hashes {
             if blocks >= cap {
-                if self.map.get(&h).is_none_or(|m| m & bit == 0) {
+                if map.get(&h).is_none_or(|m| m & bit == 0) {
                     dropped += 1;
                 }
                 continue;
             }
-            let m = self.map.entry(h).or_insert(0);
+            let m = map.entry(h).or_insert(0);
             if *m & bit == 0 {
                 *m |= bit;
                 blocks += 1;
@@ -105,43 +133,53 @@ impl PrefixIndex {
             }
         }
         let r = self.replica_mut(slot);
-        r.blocks = blocks;
+        r.blocks[t] = blocks;
         r.dropped += dropped;
         Ok(added)
     }
 
-    /// Records that `name` no longer caches `hashes`.
-    pub fn evict(&mut self, name: &str, hashes: &[u128]) -> Result<usize, IndexError> {
+    /// Records that `name` no longer caches `hashes` in `tier`.
+    pub fn evict_from(
+        &mut self,
+        tier: Tier,
+        name: &str,
+        hashes: &[u128],
+    ) -> Result<usize, IndexError> {
         let slot = self.slot(name)?;
+        let t = tier as usize;
         let bit = 1u128 << slot;
         let mut removed = 0;
+        let map = &mut self.maps[t];
         for h in hashes {
-            if let Some(m) = self.map.get_mut(h) {
+            if let Some(m) = map.get_mut(h) {
                 if *m & bit != 0 {
                     *m &= !bit;
                     removed += 1;
                     if *m == 0 {
-                        self.map.remove(h);
+                        map.remove(h);
                     }
                 }
             }
         }
-        self.replica_mut(slot).blocks -= removed;
+        self.replica_mut(slot).blocks[t] -= removed;
         Ok(removed)
     }
 
-    /// Forgets everything `name` caches (before a snapshot replaces it); keeps the slot.
+    /// Forgets everything `name` caches in every tier (before a snapshot replaces it);
+    /// keeps the slot.
     pub fn clear_replica(&mut self, name: &str) -> Result<(), IndexError> {
         let slot = self.slot(name)?;
         let keep = !(1u128 << slot);
-        if self.replica_mut(slot).blocks > 0 {
-            self.map.retain(|_, m| {
-                *m &= keep;
-                *m != 0
-            });
+        for t in 0..2 {
+            if self.replica_mut(slot).blocks[t] > 0 {
+                self.maps[t].retain(|_, m| {
+                    *m &= keep;
+                    *m != 0
+                });
+            }
         }
         let r = self.replica_mut(slot);
-        r.blocks = 0;
+        r.blocks = [0, 0];
         Ok(())
     }
 
@@ -157,8 +195,30 @@ impl PrefixIndex {
         true
     }
 
-    /// For every replica, how many leading blocks of the chain `hashes` it holds.
+    /// For every replica, how many leading blocks of the chain `hashes` it holds on the GPU.
     pub fn longest_prefixes(&self, hashes: &[u128]) -> Vec<(&str, usize)> {
+        let depth = self.depths(hashes, |h| self.maps[0].get(h).copied().unwrap_or(0));
+        self.named(&depth, hashes.len())
+    }
+
+    /// For every replica: (leading blocks of `hashes` on its GPU, leading blocks it holds
+    /// in either tier). The second is never smaller; the difference is what the replica
+    /// would load from host memory (or recompute, its choice).
+    pub fn longest_prefixes_by_tier(&self, hashes: &[u128]) -> Vec<(&str, usize, usize)> {
+        let get = |t: usize, h: &u128| self.maps[t].get(h).copied().unwrap_or(0);
+        let gpu = self.depths(hashes, |h| get(0, h));
+        let any = self.depths(hashes, |h| get(0, h) | get(1, h));
+        let gpu = self.named(&gpu, hashes.len());
+        let any = self.named(&any, hashes.len());
+        gpu.into_iter()
+            .zip(any)
+            .map(|((n, g), (_, a))| (n, g, a))
+            .collect()
+    }
+
+    /// Per slot, the index of the first block of `hashes` it lacks (usize::MAX: none),
+    /// where `held(h)` is the bit set of replicas holding `h`.
+    fn depths(&self, hashes: &[u128], held: impl Fn(&u128) -> u128) -> [usize; MAX_REPLICAS] {
         let mut depth = [usize::MAX; MAX_REPLICAS];
         let mut alive: u128 = self
             .slots
@@ -170,7 +230,7 @@ impl PrefixIndex {
             if alive == 0 {
                 break;
             }
-            let m = self.map.get(h).copied().unwrap_or(0);
+            let m = held(h);
             let mut gone = alive & !m;
             while gone != 0 {
                 let s = gone.trailing_zeros() as usize;
@@ -179,13 +239,18 @@ impl PrefixIndex {
             }
             alive &= m;
         }
+        depth
+    }
+
+    /// (replica name, depth) for every replica, in slot order.
+    fn named(&self, depth: &[usize; MAX_REPLICAS], full: usize) -> Vec<(&str, usize)> {
         self.slots
             .iter()
             .enumerate()
             .filter_map(|(i, r)| {
                 r.as_ref().map(|r| {
                     let d = if depth[i] == usize::MAX {
-                        hashes.len()
+                        full
                     } else {
                         depth[i]
                     };
@@ -197,25 +262,41 @@ impl PrefixIndex {
 
     pub fn holds(&self, name: &str, hash: u128) -> bool {
         match self.slot(name) {
-            Ok(s) => self.map.get(&hash).is_some_and(|m| m & (1u128 << s) != 0),
+            Ok(s) => self.maps[0]
+                .get(&hash)
+                .is_some_and(|m| m & (1u128 << s) != 0),
             Err(_) => false,
         }
     }
 
-    /// Distinct hashes indexed.
+    /// Distinct hashes indexed on the GPU tier.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.maps[0].len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.maps[0].is_empty()
     }
 
-    /// (blocks indexed, stores dropped at the cap) for a replica.
+    /// Distinct hashes indexed on the host tier.
+    pub fn host_len(&self) -> usize {
+        self.maps[1].len()
+    }
+
+    /// (GPU blocks indexed, stores dropped at the cap in either tier) for a replica.
     pub fn replica_stats(&self, name: &str) -> Result<(usize, u64), IndexError> {
         let slot = self.slot(name)?;
         match &self.slots[slot] {
-            Some(r) => Ok((r.blocks, r.dropped)),
+            Some(r) => Ok((r.blocks[0], r.dropped)),
+            None => Err(IndexError::UnknownReplica(name.to_string())),
+        }
+    }
+
+    /// Host-tier blocks indexed for a replica.
+    pub fn replica_host_blocks(&self, name: &str) -> Result<usize, IndexError> {
+        let slot = self.slot(name)?;
+        match &self.slots[slot] {
+            Some(r) => Ok(r.blocks[1]),
             None => Err(IndexError::UnknownReplica(name.to_string())),
         }
     }
@@ -257,6 +338,27 @@ mod tests {
             ix.store("b", &[1]),
             Err(IndexError::UnknownReplica("b".into()))
         );
+    }
+
+    #[test]
+    fn tiers_are_tracked_apart() {
+        let mut ix = PrefixIndex::new(100);
+        ix.add_replica("a").unwrap();
+        ix.add_replica("b").unwrap();
+        ix.store("a", &[1, 2]).unwrap();
+        ix.store_in(Tier::Host, "a", &[2, 3, 4]).unwrap();
+        ix.store_in(Tier::Host, "b", &[1, 2]).unwrap();
+        let got = ix.longest_prefixes_by_tier(&[1, 2, 3, 4, 5]);
+        assert_eq!(got, vec![("a", 2, 4), ("b", 0, 2)]);
+        assert_eq!(ix.longest_prefixes(&[1, 2, 3])[0], ("a", 2));
+        ix.evict("a", &[1]).unwrap(); // GPU lost it, host never had it: nothing left
+        assert_eq!(ix.longest_prefixes_by_tier(&[1, 2])[0], ("a", 0, 0));
+        assert_eq!((ix.len(), ix.host_len()), (1, 4));
+        assert_eq!(ix.replica_host_blocks("a").unwrap(), 3);
+        ix.clear_replica("a").unwrap();
+        assert_eq!((ix.len(), ix.host_len()), (0, 2));
+        assert!(ix.remove_replica("b"));
+        assert_eq!(ix.host_len(), 0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use common::Rng;
 use kvserve_core::kv_events::KvEventKind;
 use kvserve_core::prefix_cache::block_hashes;
-use kvserve_core::prefix_index::PrefixIndex;
+use kvserve_core::prefix_index::{PrefixIndex, Tier};
 use kvserve_core::{Config, PreemptionMode, RequestParams, Scheduler};
 use proptest::prelude::*;
 
@@ -83,10 +83,11 @@ proptest! {
     fn events_rebuild_the_cache(seed in any::<u64>()) {
         let mut rng = Rng::new(seed);
         let block_size = 1usize << rng.range(0, 3);
+        let num_host_blocks = rng.range(0, 24) as usize;
         let cfg = Config {
             num_gpu_blocks: rng.range(8, 40) as usize,
             block_size,
-            num_host_blocks: 0,
+            num_host_blocks,
             max_num_seqs: rng.range(1, 6) as usize,
             max_num_batched_tokens: rng.range(8, 64) as usize,
             max_model_len: 64,
@@ -94,10 +95,12 @@ proptest! {
             enable_prefix_caching: true,
             preemption_mode: PreemptionMode::Recompute,
             watermark: 0.0,
-            kv_bytes_per_token: 0,
-            flops_per_token: 0.0,
+            kv_bytes_per_token: 1,
+            flops_per_token: 1e9,
             swap_bytes_per_s: 25e9,
             prefill_flops_per_s: 1e14,
+            host_prefix_cache: num_host_blocks > 0,
+            load_bytes_per_s: 25e9,
             ..Config::default()
         };
         let mut s = Scheduler::new(cfg).unwrap();
@@ -105,6 +108,7 @@ proptest! {
         s.prefix_cache_mut().set_event_capacity(rng.range(1, 64) as usize);
         let bases: Vec<Vec<i64>> = (0..3).map(|_| (0..40).map(|_| rng.below(50) as i64).collect()).collect();
         let mut replay: HashSet<u128> = HashSet::new();
+        let mut replay_host: HashSet<u128> = HashSet::new();
         let mut next_seq = 1u64;
         let mut ix = PrefixIndex::new(1 << 20);
         ix.add_replica("r").unwrap();
@@ -130,7 +134,7 @@ proptest! {
                 prompts.push((p, salt));
             }
             let plan = s.schedule().unwrap();
-            if plan.num_seqs > 0 {
+            if plan.must_commit() {
                 let toks: Vec<i64> = plan.sample_handles.iter().map(|_| rng.below(50) as i64).collect();
                 s.commit(plan.id, &toks).unwrap();
             }
@@ -139,13 +143,15 @@ proptest! {
             }
             // A snapshot may be taken before a drain: the drain then repeats events the
             // snapshot covers, and the reader skips them by sequence number.
-            let early = rng.chance(0.1).then(|| s.prefix_cache_mut().snapshot());
+            let early = rng.chance(0.1).then(|| s.kv_snapshot());
             let b = s.prefix_cache_mut().drain_events();
-            let snap = if b.resync_needed { Some(s.prefix_cache_mut().snapshot()) } else { early };
-            if let Some((seq, snap)) = snap {
+            let snap = if b.resync_needed { Some(s.kv_snapshot()) } else { early };
+            if let Some((seq, snap, snap_host)) = snap {
                 replay = snap.iter().copied().collect();
+                replay_host = snap_host.iter().copied().collect();
                 ix.clear_replica("r").unwrap();
                 ix.store("r", &snap).unwrap();
+                ix.store_in(Tier::Host, "r", &snap_host).unwrap();
                 next_seq = seq + 1;
             }
             if !b.resync_needed {
@@ -162,15 +168,33 @@ proptest! {
                             prop_assert!(replay.remove(h));
                             ix.evict("r", &[*h]).unwrap();
                         }
+                        KvEventKind::HostStored => {
+                            prop_assert!(replay_host.insert(*h));
+                            ix.store_in(Tier::Host, "r", &[*h]).unwrap();
+                        }
+                        KvEventKind::HostEvicted => {
+                            prop_assert!(replay_host.remove(h));
+                            ix.evict_from(Tier::Host, "r", &[*h]).unwrap();
+                        }
                     }
                 }
             }
             let truth: HashSet<u128> = s.prefix_cache_mut().iter().map(|(h, _)| h).collect();
             prop_assert_eq!(&replay, &truth);
+            let (_, _, host) = s.kv_snapshot();
+            let truth_host: HashSet<u128> = host.into_iter().collect();
+            prop_assert_eq!(&replay_host, &truth_host);
+            prop_assert_eq!(truth_host.len(), s.num_host_cached_blocks());
             if let Some((p, salt)) = prompts.last() {
                 let chain = block_hashes(p, block_size, salt.as_deref());
                 prop_assert_eq!(ix.longest_prefixes(&chain), vec![("r", model_depth(&truth, &chain))]);
+                let either: HashSet<u128> = truth.union(&truth_host).copied().collect();
+                prop_assert_eq!(
+                    ix.longest_prefixes_by_tier(&chain),
+                    vec![("r", model_depth(&truth, &chain), model_depth(&either, &chain))]
+                );
             }
+
         }
     }
 }

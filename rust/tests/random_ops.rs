@@ -22,6 +22,7 @@ fn random_config(rng: &mut Rng) -> Config {
         PreemptionMode::Swap => rng.range(1, 48) as usize,
         _ => rng.range(0, 48) as usize,
     };
+    let enable_prefix_caching = rng.chance(0.8);
     Config {
         num_gpu_blocks: rng.range(4, 48) as usize,
         block_size,
@@ -30,13 +31,16 @@ fn random_config(rng: &mut Rng) -> Config {
         max_num_batched_tokens: rng.range(1, 64) as usize,
         max_model_len: rng.range(8, 96) as usize,
         max_waiting: rng.range(1, 16) as usize,
-        enable_prefix_caching: rng.chance(0.8),
+        enable_prefix_caching,
         preemption_mode: mode,
         watermark: [0.0, 0.01, 0.1][rng.below(3) as usize],
         kv_bytes_per_token: rng.range(0, 4096),
         flops_per_token: [0.0, 1e6, 1e9][rng.below(3) as usize],
         swap_bytes_per_s: 25e9,
         prefill_flops_per_s: 1e14,
+        host_prefix_cache: enable_prefix_caching && num_host_blocks > 0 && rng.chance(0.6),
+        // Loads pay when KV bytes are few and FLOPs many; both ways are drawn.
+        load_bytes_per_s: [1e6, 25e9][rng.below(2) as usize],
         ..Config::default()
     }
 }
@@ -88,6 +92,11 @@ struct Totals {
     cow: u64,
     rejected: u64,
     errors_checked: u64,
+    copy_failures: u64,
+    host_hits: u64,
+    host_loads: u64,
+    host_offloads: u64,
+    host_recompute: u64,
 }
 
 /// Runs one random scenario; returns counts for coverage checks.
@@ -162,6 +171,40 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
             30..=84 => {
                 let done = sim.step(&mut s);
                 check_done(done, &sim, &params, &mut live, &mut t);
+            }
+            85..=86 if cfg.host_prefix_cache => {
+                // The runner could not complete a plan's host-tier copies (found before the
+                // commit; what they wrote is junk): the core ends exactly the requests that
+                // needed its loads, and the other rows commit as usual.
+                let plan = s.schedule().expect("schedule");
+                let sampled = sim.execute(&s, &plan);
+                sim.corrupt_tier_copies(&plan);
+                let loaders: Vec<String> = plan
+                    .handles
+                    .iter()
+                    .filter(|&&h| {
+                        let blocks = s.request(&sim.ids[&h]).map(|r| r.blocks.clone());
+                        let blocks = blocks.unwrap_or_default();
+                        plan.loads
+                            .chunks(2)
+                            .any(|pr| blocks.contains(&(pr[1] as u32)))
+                    })
+                    .map(|h| sim.ids[h].clone())
+                    .collect();
+                let mut failed = s.fail_copies(plan.id).expect("fail_copies");
+                failed.sort();
+                let mut want = loaders;
+                want.sort();
+                assert_eq!(failed, want, "seed {seed}: ended requests");
+                for id in &failed {
+                    live.retain(|x| x != id);
+                    ended_early.push(id.clone());
+                }
+                s.check_invariants()
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+                let done = sim.commit(&mut s, &plan, &sampled);
+                check_done(done, &sim, &params, &mut live, &mut t);
+                t.copy_failures += 1;
             }
             85..=89 if !live.is_empty() => {
                 // abort or finish between schedule and commit
@@ -274,6 +317,18 @@ fn run_scenario(seed: u64, num_ops: usize) -> Totals {
     t.preempt_swap = int("preemptions_swap");
     t.prefix_hits = int("prefix_hits_tokens");
     t.cow = int("cow_copies");
+    t.host_hits = int("prefix_hits_host_tokens");
+    t.host_loads = int("host_loaded_blocks");
+    t.host_offloads = int("host_offloaded_blocks");
+    t.host_recompute = int("host_recompute_decisions");
+    assert_eq!(
+        int("prefix_hits_gpu_tokens") + int("prefix_hits_host_tokens"),
+        int("prefix_hits_tokens"),
+        "seed {seed}: hits by tier"
+    );
+    if !cfg.host_prefix_cache {
+        assert_eq!(t.host_offloads + t.host_loads, 0, "seed {seed}: tier off");
+    }
     t
 }
 
@@ -291,6 +346,11 @@ fn random_operations_keep_invariants_and_reference_tokens() {
         total.cow += t.cow;
         total.rejected += t.rejected;
         total.errors_checked += t.errors_checked;
+        total.copy_failures += t.copy_failures;
+        total.host_hits += t.host_hits;
+        total.host_loads += t.host_loads;
+        total.host_offloads += t.host_offloads;
+        total.host_recompute += t.host_recompute;
     }
     eprintln!("{total:?}");
     assert!(total.ops >= 100_000, "only {} random operations", total.ops);
@@ -299,6 +359,12 @@ fn random_operations_keep_invariants_and_reference_tokens() {
     assert!(total.preempt_swap > 50, "{total:?}");
     assert!(total.prefix_hits > 1000, "{total:?}");
     assert!(total.cow > 10, "{total:?}");
+    // Both tiers: offloads, loads (hits served from host memory), recompute decisions
+    // and failed copies all happen.
+    assert!(total.host_offloads > 1000, "{total:?}");
+    assert!(total.host_loads > 100 && total.host_hits > 100, "{total:?}");
+    assert!(total.host_recompute > 10, "{total:?}");
+    assert!(total.copy_failures > 10, "{total:?}");
     assert!(
         total.rejected > 10 && total.errors_checked > 100,
         "{total:?}"

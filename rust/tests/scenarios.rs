@@ -611,3 +611,58 @@ fn request_stats_remembers_the_last_4096_distinct_ended_ids() {
     }
     s.check_invariants().unwrap();
 }
+
+/// Host prefix tier: a finished prompt's blocks are offloaded by a copy-only plan that must
+/// be committed, survive the GPU evicting them, and come back by loads on the next turn;
+/// the tokens equal the reference and nothing leaks.
+#[test]
+fn host_tier_offloads_idle_blocks_and_loads_them_back() {
+    let mut rng = Rng::new(77);
+    let c = Config {
+        num_host_blocks: 64,
+        host_prefix_cache: true,
+        kv_bytes_per_token: 64,
+        flops_per_token: 1e9,
+        preemption_mode: PreemptionMode::Recompute,
+        ..cfg(10, 4)
+    };
+    let mut s = Scheduler::new(c.clone()).unwrap();
+    let mut sim = Sim::new(c.num_gpu_blocks, c.num_host_blocks, c.block_size);
+    let first = tokens(&mut rng, 24);
+    sim.add(&mut s, req("first", first.clone(), 1)).unwrap();
+    sim.step(&mut s); // prefill, sample, finish: 6 full blocks go idle
+    let plan = s.schedule().unwrap();
+    assert_eq!((plan.num_seqs, plan.offloads.len() / 2), (0, 6));
+    assert!(plan.must_commit());
+    assert!(matches!(s.schedule(), Err(CoreError::StalePlan { .. })));
+    sim.execute(&s, &plan);
+    sim.commit(&mut s, &plan, &[]);
+    assert_eq!(s.num_host_cached_blocks(), 6);
+    // Another prompt takes the whole GPU pool: the first one's GPU blocks are evicted.
+    sim.add(&mut s, req("other", tokens(&mut rng, 40), 1))
+        .unwrap();
+    drain(&mut s, &mut sim);
+    let mut turn2 = first.clone();
+    turn2.extend(tokens(&mut rng, 5));
+    sim.add(&mut s, req("turn2", turn2.clone(), 3)).unwrap();
+    let plan = s.schedule().unwrap();
+    assert_eq!(
+        plan.loads.len() / 2,
+        6,
+        "the first prompt's blocks come from the host"
+    );
+    assert_eq!(plan.num_tokens, 5, "only the new tokens are computed");
+    let sampled = sim.execute(&s, &plan);
+    sim.commit(&mut s, &plan, &sampled);
+    s.check_invariants().unwrap();
+    let outs = drain(&mut s, &mut sim);
+    assert_eq!(
+        outs["turn2"],
+        reference(&req("turn2", turn2, 3), c.max_model_len).0
+    );
+    assert_eq!(metric(&s, "prefix_hits_host_tokens"), 24);
+    assert_eq!(metric(&s, "host_loaded_blocks"), 6);
+    assert_eq!(metric(&s, "host_load_decisions"), 1);
+    assert_eq!(metric(&s, "recomputed_tokens"), 0);
+    assert_eq!((s.gpu_pool().num_used(), s.host_pool().num_used()), (0, 0));
+}

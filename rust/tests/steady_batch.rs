@@ -19,6 +19,7 @@ fn random_config(rng: &mut Rng) -> Config {
         1 => PreemptionMode::Swap,
         _ => PreemptionMode::Auto,
     };
+    let enable_prefix_caching = rng.chance(0.8);
     Config {
         num_gpu_blocks: rng.range(8, 96) as usize,
         block_size,
@@ -27,13 +28,16 @@ fn random_config(rng: &mut Rng) -> Config {
         max_num_batched_tokens: rng.range(4, 96) as usize,
         max_model_len: rng.range(16, 160) as usize,
         max_waiting: 16,
-        enable_prefix_caching: rng.chance(0.8),
+        enable_prefix_caching,
         preemption_mode: mode,
         watermark: [0.0, 0.01, 0.1][rng.below(3) as usize],
         kv_bytes_per_token: rng.range(0, 4096),
         flops_per_token: [0.0, 1e6, 1e9][rng.below(3) as usize],
         swap_bytes_per_s: 25e9,
         prefill_flops_per_s: 1e14,
+        // The host tier's copies come with full-path plans only; both paths must agree.
+        host_prefix_cache: enable_prefix_caching && rng.chance(0.5),
+        load_bytes_per_s: 25e9,
         ..Config::default()
     }
 }

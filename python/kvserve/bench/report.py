@@ -31,6 +31,9 @@ class Summary:
     preemptions: int
     recomputed_tokens: int
     errors: dict[str, int]
+    # The host tier (0 when it is off): prompt tokens found only on the host, bytes loaded.
+    prefix_hits_host_tokens: int = 0
+    host_loaded_bytes: int = 0
 
 
 def _percentiles(values: list[float]) -> dict[str, float]:
@@ -72,6 +75,8 @@ def summarise(run: LoadRun) -> Summary:
         preemptions=_delta(run, "preemptions_recompute", "preemptions_swap"),
         recomputed_tokens=_delta(run, "recomputed_tokens"),
         errors=errors,
+        prefix_hits_host_tokens=_delta(run, "prefix_hits_host_tokens"),
+        host_loaded_bytes=_delta(run, "host_loaded_bytes"),
     )
 
 

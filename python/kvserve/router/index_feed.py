@@ -1,6 +1,7 @@
 """Each replica's StreamKvEvents applied to the router's PrefixIndex (Rust core).
 
-A snapshot replaces what the index holds for the replica; events must follow each other
+A snapshot replaces what the index holds for the replica (its `kinds`, when present, name
+each hash's tier: 1 GPU, 3 host); events must follow each other
 by sequence number (a gap means a lost message: resubscribe for a fresh snapshot). When
 the stream drops the replica leaves the index at once, and `connected` turns false so it
 gets no work until a new stream's snapshot is in.
@@ -19,7 +20,7 @@ from kvserve.server.proto import pb
 
 log = logging.getLogger(__name__)
 
-STORED, EVICTED = 1, 2
+STORED, EVICTED, HOST_STORED, HOST_EVICTED = 1, 2, 3, 4
 
 
 class IndexFeed:
@@ -45,7 +46,10 @@ class IndexFeed:
                 if msg.snapshot:
                     self.index.remove_replica(r.name)
                     self.index.add_replica(r.name)
-                    self.index.store(r.name, msg.block_hashes)
+                    if msg.kinds:
+                        self.apply(r.name, msg.kinds, msg.block_hashes)
+                    else:
+                        self.index.store(r.name, msg.block_hashes)
                     next_seq = msg.seq + 1
                     self.snapshots += 1
                     r.connected = True
@@ -78,5 +82,8 @@ class IndexFeed:
                     self.index.store(name, chunk)
                 elif kinds[start] == EVICTED:
                     self.index.evict(name, chunk)
+                elif kinds[start] == HOST_STORED:
+                    self.index.store_host(name, chunk)
+                elif kinds[start] == HOST_EVICTED:
+                    self.index.evict_host(name, chunk)
                 start = i
-        self.events += len(kinds)

@@ -17,6 +17,8 @@ prompt's cached-prefix overlap per replica, so tests drive them with plain numbe
   The queue drains no faster than blocks free up, so the larger of the two counts.
 - the decode step time grows with the decodes running there, so a replica busy with long
   generations is charged for the step the new prompt has to join.
+- Prompt tokens a replica holds only in its host tier count at HOST_HIT_COST of a
+  recompute each (they still need GPU blocks, so they count in kv_wait_s).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ DEFAULT_PREFILL_TOKENS_PER_S = 5000.0  # before any replica has measured its own
 # stream, or one it lost track of): a typical chat answer.
 UNKNOWN_DECODE_STEPS = 256
 
+# A token's KV loaded over the host link, as a fraction of recomputing it. Pinned PCIe gen5
+# moves an 8k-token Llama-3-8B prefix about 13x faster than prefill recomputes it (17x at
+# 32k; issue 18's H200 figures), so 1/13..1/17; rounded up because the link also carries
+# offloads and a load waits its turn. The replica itself picks load or recompute per
+# request, so a host hit never costs more than a miss there.
+HOST_HIT_COST = 0.1
+
 
 @dataclass(frozen=True)
 class Candidate:
@@ -42,7 +51,8 @@ class Candidate:
     waiting_prompt_tokens: int  # reported by the replica (before its cache lookup)
     pending_prompt_tokens: int  # sent by this router, no token back yet, minus predicted hits
     in_flight: int  # the larger of reported and router-side open streams
-    cached_tokens: int  # leading prompt tokens the index says it holds
+    cached_tokens: int  # leading prompt tokens the index says it holds on the GPU
+    host_cached_tokens: int = 0  # further prompt tokens it holds only in its host tier
     prefix_hit_rate: float = 0.0  # reported: hit tokens / queried tokens
     block_size: int = 0  # 0: unknown (no KV-pressure term)
     num_gpu_blocks: int = 0
@@ -82,9 +92,10 @@ def kv_wait_s(c: Candidate, uncached_tokens: int) -> float:
 
 def predicted_ttft(c: Candidate, prompt_tokens: int, fallback_rate: float) -> float:
     rate = c.prefill_tokens_per_s or fallback_rate
-    uncached = max(prompt_tokens - c.cached_tokens, 1)  # the last token is always computed
-    wait = max(queue_tokens(c) / rate, kv_wait_s(c, uncached))
-    return c.rtt_s + wait + uncached / rate + c.decode_step_s
+    host = min(c.host_cached_tokens, max(prompt_tokens - c.cached_tokens - 1, 0))
+    uncached = max(prompt_tokens - c.cached_tokens - host, 1)  # the last token is computed
+    wait = max(queue_tokens(c) / rate, kv_wait_s(c, uncached + host))
+    return c.rtt_s + wait + (uncached + HOST_HIT_COST * host) / rate + c.decode_step_s
 
 
 def fallback_rate(cands: Sequence[Candidate]) -> float:

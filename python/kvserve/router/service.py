@@ -170,8 +170,12 @@ class RouterServicer:
         start = time.perf_counter()
         salt = request.cache_salt if request.HasField("cache_salt") else None
         overlaps, _ = (
-            self.index.match_prompt(ids, block_size, salt) if ids and block_size else ({}, 0)
+            self.index.match_prompt_tiers(ids, block_size, salt)
+            if ids and block_size
+            else ({}, 0)
         )
+        # (GPU tokens, tokens only in the host tier) of each replica's cached prefix
+        cached = {n: (g * block_size, (a - g) * block_size) for n, (g, a) in overlaps.items()}
         cands = [
             Candidate(
                 name=r.name,
@@ -181,7 +185,8 @@ class RouterServicer:
                 waiting_prompt_tokens=r.load.waiting_prompt_tokens if r.load else 0,
                 pending_prompt_tokens=r.pending_prompt_tokens,
                 in_flight=max(r.in_flight, r.load.in_flight if r.load else 0),
-                cached_tokens=overlaps.get(r.name, 0) * block_size,
+                cached_tokens=cached.get(r.name, (0, 0))[0],
+                host_cached_tokens=cached.get(r.name, (0, 0))[1],
                 prefix_hit_rate=r.load.prefix_hit_rate if r.load else 0.0,
                 block_size=block_size,
                 num_gpu_blocks=r.load.num_gpu_blocks if r.load else 0,
@@ -208,7 +213,8 @@ class RouterServicer:
                 len(ids),
             )
             try:
-                await self._stream(r, request, context, len(ids), cand.cached_tokens)
+                predicted = cand.cached_tokens + cand.host_cached_tokens
+                await self._stream(r, request, context, len(ids), predicted)
                 return
             except _Retry as retry:
                 last = retry.exc

@@ -215,6 +215,17 @@ _LOAD_FIELDS = {
     "num_cached_gpu_blocks": int,
     "kv_cache_dtype": str,
     "kv_bytes_per_token": int,
+    "prefix_hits_gpu_tokens": int,
+    "prefix_hits_host_tokens": int,
+    "num_cached_host_blocks": int,
+    "host_offloaded_bytes": int,
+    "host_loaded_bytes": int,
+    "host_load_decisions": int,
+    "host_recompute_decisions": int,
+    "host_evictions": int,
+    "recomputed_tokens": int,
+    "host_link_h2d_bytes_per_s": float,
+    "host_link_d2h_bytes_per_s": float,
 }
 
 
@@ -222,6 +233,7 @@ _LOAD_FIELDS = {
 _LOAD_ALIASES = {
     "gpu_blocks_used": "num_used_gpu_blocks",
     "gpu_blocks_cached": "num_cached_gpu_blocks",
+    "host_blocks_cached": "num_cached_host_blocks",
 }
 
 

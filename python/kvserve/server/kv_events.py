@@ -3,7 +3,10 @@
 The step thread drains the core's bounded log after every step and hands the batch to the
 event loop; each subscriber keeps a bounded queue of batches. A subscriber starts with a
 snapshot (every block hash cached, as of a sequence number) and then gets live batches,
-skipping events the snapshot already covers. A subscriber whose queue fills, or every
+skipping events the snapshot already covers. Event kinds: 1 stored on the GPU, 2 evicted
+from it, 3 stored in the host tier, 4 evicted from it. A snapshot lists the GPU hashes
+then the host tier's; when the host part is not empty its `kinds` names each hash's tier
+(1 or 3), else it is empty (every hash on the GPU). A subscriber whose queue fills, or every
 subscriber when the core's log overflowed, is resynced with a fresh snapshot: the engine
 never waits for a reader and memory never grows without bound.
 """
@@ -24,12 +27,23 @@ log = logging.getLogger(__name__)
 CORE_LOG_CAPACITY = 1 << 16  # events between two drains (one step) before a resync
 SUBSCRIBER_QUEUE_BATCHES = 1024  # steps a subscriber may fall behind before a resync
 HASH_BYTES = 16
+GPU_STORED, HOST_STORED = 1, 3
+
+
+def snapshot_fields(gpu: bytes, host: bytes) -> dict[str, bytes]:
+    """A snapshot message's hashes and, with a host part, each hash's tier."""
+    if not host:
+        return {"block_hashes": gpu}
+    kinds = bytes([GPU_STORED]) * (len(gpu) // HASH_BYTES) + bytes([HOST_STORED]) * (
+        len(host) // HASH_BYTES
+    )
+    return {"block_hashes": gpu + host, "kinds": kinds}
 
 
 class KvEventSource(Protocol):
     def enable_kv_events(self, capacity: int) -> None: ...
     def drain_kv_events(self) -> tuple[bool, int, bytes, bytes]: ...
-    def kv_snapshot(self) -> tuple[int, bytes]: ...
+    def kv_snapshot(self) -> tuple[int, bytes, bytes]: ...
 
 
 @dataclass(eq=False)  # identity: subscribers live in a set
@@ -98,12 +112,12 @@ class KvEventHub:
             while True:
                 if sub.need_snapshot:
                     sub.need_snapshot = False
-                    seq, hashes = await asyncio.to_thread(self.source.kv_snapshot)
+                    seq, gpu, host = await asyncio.to_thread(self.source.kv_snapshot)
                     sub.covered_seq = seq
                     if not first:
                         self.resyncs += 1
                     first = False
-                    yield self._message(snapshot=True, seq=seq, block_hashes=hashes)
+                    yield self._message(snapshot=True, seq=seq, **snapshot_fields(gpu, host))
                     continue
                 if not sub.batches:
                     sub.wake.clear()

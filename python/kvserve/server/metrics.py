@@ -120,6 +120,45 @@ class _LoadCollector(Collector):
             if f"gpu_blocks_{state}" in load:
                 blocks.add_metric([state], float(load[f"gpu_blocks_{state}"]))
         yield blocks
+        yield from _host_tier_families(load)
+
+
+def _host_tier_families(load: Mapping[str, Any]) -> Iterator[Any]:
+    """The host tier under the prefix cache: hits by tier, copies each way, decisions."""
+    if "prefix_hits_host_tokens" not in load:
+        return
+    hits = CounterMetricFamily(
+        "kvserve_prefix_cache_tier_hits_tokens", "Prompt tokens found in the prefix cache, by "
+        "the tier that held them", labels=["tier"])
+    for tier in ("gpu", "host"):
+        hits.add_metric([tier], float(load.get(f"prefix_hits_{tier}_tokens", 0)))
+    yield hits
+    for what, doc in (("blocks", "KV blocks"), ("bytes", "KV bytes")):
+        copied = CounterMetricFamily(
+            f"kvserve_host_tier_copied_{what}", f"{doc} copied by the host tier, by direction "
+            "(offload: GPU to host; load: host to GPU)", labels=["direction"])
+        copied.add_metric(["offload"], float(load.get(f"host_offloaded_{what}", 0)))
+        copied.add_metric(["load"], float(load.get(f"host_loaded_{what}", 0)))
+        yield copied
+    decisions = CounterMetricFamily(
+        "kvserve_host_tier_decisions", "Admissions whose prefix reached the host tier, by "
+        "the cost model's choice", labels=["choice"])
+    decisions.add_metric(["load"], float(load.get("host_load_decisions", 0)))
+    decisions.add_metric(["recompute"], float(load.get("host_recompute_decisions", 0)))
+    yield decisions
+    yield CounterMetricFamily("kvserve_host_tier_evictions", "Cached host blocks dropped to "
+                              "make room", value=float(load.get("host_evictions", 0)))
+    yield CounterMetricFamily("kvserve_host_tier_copy_failures", "Host tier copies that "
+                              "failed or timed out", value=float(load.get("host_copy_failures", 0)))
+    yield GaugeMetricFamily("kvserve_host_tier_cached_blocks", "Host blocks holding cached "
+                            "prefix KV", value=float(load.get("host_blocks_cached", 0)))
+    link = GaugeMetricFamily("kvserve_host_link_bytes_per_second", "Host link bandwidth "
+                             "measured at start, by direction", labels=["direction"])
+    for direction in ("d2h", "h2d"):
+        key = f"host_link_{direction}_bytes_per_s"
+        if key in load:
+            link.add_metric([direction], float(load[key]))
+    yield link
 
 
 class ServerMetrics:

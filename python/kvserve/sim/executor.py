@@ -49,6 +49,11 @@ class SimRunner:
         self.num_blocks = profile.num_gpu_blocks(args.block_size, args.gpu_memory_utilization,
                                                  args.kv_cache_bytes)
         self.num_host_blocks = args.swap_bytes // self.block_bytes
+        if args.host_kv_cache_bytes:
+            raise ValueError("host_kv_cache: the sim executor models no host tier")
+        self.num_host_tier_blocks = 0
+        self.link_bytes_per_s: tuple[float, float] | None = None
+        self.prefill_flops_per_s: float | None = None
         self.vocab_size = vocab_size
         # A fixed ordinary id (clear of the low ids where special tokens live).
         self.token_id = min(1000, vocab_size // 2)
@@ -77,6 +82,9 @@ class SimRunner:
         if left > 0:
             time.sleep(left)
         return logits
+
+    def wait_copies(self) -> bool:
+        return True  # no host tier, and swaps are only modelled
 
     def close(self) -> None:
         pass

@@ -40,9 +40,11 @@ class ReplicaConfig:
     def from_engine_args(cls, args: Any, profile: Profile) -> ReplicaConfig:
         block_bytes = int(profile.cost.kv_bytes_per_token) * args.block_size
         budget = args.resolve_token_budget(profile, profile.max_model_len)
+        if args.host_kv_cache_bytes:
+            raise ValueError("host_kv_cache: the simulator models no host tier")
         return cls(
-            num_gpu_blocks=profile.num_gpu_blocks(args.block_size, args.gpu_memory_utilization,
-                                                  args.kv_cache_bytes),
+            num_gpu_blocks=args.num_gpu_blocks_override or profile.num_gpu_blocks(
+                args.block_size, args.gpu_memory_utilization, args.kv_cache_bytes),
             num_host_blocks=args.swap_bytes // block_bytes, block_size=args.block_size,
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=min(args.max_model_len or profile.max_model_len,

@@ -30,7 +30,8 @@ impl PyCore {
         max_num_batched_tokens = 2048, max_model_len = 4096, max_waiting = 4096,
         enable_prefix_caching = true, preemption_mode = "auto", watermark = 0.01,
         kv_bytes_per_token = 0, flops_per_token = 0.0, swap_bytes_per_s = 25e9,
-        prefill_flops_per_s = 1e14, finished_memory = 4096, evicted_memory = None))]
+        prefill_flops_per_s = 1e14, finished_memory = 4096, evicted_memory = None,
+        host_prefix_cache = false, load_bytes_per_s = 25e9))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         num_gpu_blocks: i64,
@@ -49,6 +50,8 @@ impl PyCore {
         prefill_flops_per_s: f64,
         finished_memory: i64,
         evicted_memory: Option<i64>,
+        host_prefix_cache: bool,
+        load_bytes_per_s: f64,
     ) -> PyResult<Self> {
         let cfg = Config {
             num_gpu_blocks: nonneg(num_gpu_blocks, "num_gpu_blocks", config_err)?,
@@ -74,6 +77,8 @@ impl PyCore {
             evicted_memory: evicted_memory
                 .map(|m| nonneg(m, "evicted_memory", config_err))
                 .transpose()?,
+            host_prefix_cache,
+            load_bytes_per_s,
         };
         Ok(PyCore {
             inner: Scheduler::new(cfg).map_err(to_py)?,
@@ -180,6 +185,13 @@ impl PyCore {
         self.inner.abort(request_id).map(|e| e.handle)
     }
 
+    /// The runner could not complete plan `plan_id`'s host-tier copies: ends the requests
+    /// that needed its loads (their ids are returned) and drops what its offloads wrote.
+    /// The plan still needs its commit.
+    fn fail_copies(&mut self, plan_id: u64) -> PyResult<Vec<String>> {
+        self.inner.fail_copies(plan_id).map_err(to_py)
+    }
+
     fn has_unfinished(&self) -> bool {
         self.inner.has_unfinished()
     }
@@ -260,6 +272,14 @@ impl PyCore {
     #[getter]
     fn num_used_host_blocks(&self) -> usize {
         self.inner.host_pool().num_used()
+    }
+    #[getter]
+    fn num_cached_host_blocks(&self) -> usize {
+        self.inner.num_host_cached_blocks()
+    }
+    #[getter]
+    fn host_prefix_cache(&self) -> bool {
+        self.inner.config().host_prefix_cache
     }
     #[getter]
     fn block_size(&self) -> usize {

@@ -44,6 +44,12 @@ pub struct PyPlan {
     #[pyo3(get)]
     copies: Py<PyArray2<i64>>,
     #[pyo3(get)]
+    offloads: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    loads: Py<PyArray2<i64>>,
+    #[pyo3(get)]
+    must_commit: bool,
+    #[pyo3(get)]
     continues_plan_id: Option<u64>,
     #[pyo3(get)]
     advances_in_place: bool,
@@ -55,6 +61,7 @@ impl PyPlan {
         p: Plan,
         block_table: Bound<'_, PyArray2<i32>>,
     ) -> PyResult<Self> {
+        let must_commit = p.must_commit();
         Ok(PyPlan {
             id: p.id,
             num_seqs: p.num_seqs,
@@ -72,6 +79,9 @@ impl PyPlan {
             swap_out: pairs(py, p.swap_out)?,
             swap_in: pairs(py, p.swap_in)?,
             copies: pairs(py, p.copies)?,
+            offloads: pairs(py, p.offloads)?,
+            loads: pairs(py, p.loads)?,
+            must_commit,
             continues_plan_id: p.continues_plan_id,
             advances_in_place: p.advances_in_place,
         })

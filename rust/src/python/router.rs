@@ -8,7 +8,7 @@ use pyo3::types::{PyBytes, PyDict};
 
 use super::core::PyCore;
 use crate::prefix_cache::block_hashes;
-use crate::prefix_index::{IndexError, PrefixIndex};
+use crate::prefix_index::{IndexError, PrefixIndex, Tier};
 
 fn index_err(e: IndexError) -> PyErr {
     match e {
@@ -82,7 +82,8 @@ impl PyCore {
     }
 
     /// (resync_needed, first_seq, kinds, hashes): kinds one byte per event (1 stored,
-    /// 2 evicted), hashes 16 bytes per event; event i has sequence number first_seq + i.
+    /// 2 evicted from the GPU, 3 stored on the host tier, 4 evicted from it), hashes 16
+    /// bytes per event; event i has sequence number first_seq + i.
     fn drain_kv_events<'py>(
         &mut self,
         py: Python<'py>,
@@ -97,11 +98,15 @@ impl PyCore {
         )
     }
 
-    /// (seq, hashes): every block hash cached now, as of event `seq`: drained events
-    /// with a sequence number up to `seq` are already in it.
-    fn kv_snapshot<'py>(&mut self, py: Python<'py>) -> (u64, Bound<'py, PyBytes>) {
-        let (seq, hashes) = self.inner.prefix_cache_mut().snapshot();
-        (seq, hashes_to_bytes(py, &hashes))
+    /// (seq, hashes, host_hashes): every block hash cached now on the GPU and on the host
+    /// tier, as of event `seq`: drained events with a sequence number up to `seq` are
+    /// already in it.
+    fn kv_snapshot<'py>(
+        &mut self,
+        py: Python<'py>,
+    ) -> (u64, Bound<'py, PyBytes>, Bound<'py, PyBytes>) {
+        let (seq, gpu, host) = self.inner.kv_snapshot();
+        (seq, hashes_to_bytes(py, &gpu), hashes_to_bytes(py, &host))
     }
 
     /// Tokens waiting requests still have to prefill.
@@ -152,6 +157,45 @@ impl PyPrefixIndex {
     fn evict(&mut self, name: &str, hashes: &[u8]) -> PyResult<usize> {
         let hs = bytes_to_hashes(hashes, "hashes")?;
         self.inner.evict(name, &hs).map_err(index_err)
+    }
+
+    /// Records that `name`'s host tier holds `hashes`; returns how many were new there.
+    fn store_host(&mut self, name: &str, hashes: &[u8]) -> PyResult<usize> {
+        let hs = bytes_to_hashes(hashes, "hashes")?;
+        self.inner
+            .store_in(Tier::Host, name, &hs)
+            .map_err(index_err)
+    }
+
+    fn evict_host(&mut self, name: &str, hashes: &[u8]) -> PyResult<usize> {
+        let hs = bytes_to_hashes(hashes, "hashes")?;
+        self.inner
+            .evict_from(Tier::Host, name, &hs)
+            .map_err(index_err)
+    }
+
+    /// Like match_prompt, by tier: {replica: (leading blocks on its GPU, leading blocks
+    /// in either tier)}, plus the number of full blocks of the prompt.
+    #[pyo3(signature = (token_ids, block_size, cache_salt = None))]
+    fn match_prompt_tiers<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<i64>,
+        block_size: i64,
+        cache_salt: Option<&str>,
+    ) -> PyResult<(Bound<'py, PyDict>, usize)> {
+        let bs = check_block_size(block_size)?;
+        let hs = block_hashes(&token_ids, bs, cache_salt);
+        let d = PyDict::new(py);
+        for (name, gpu, any) in self.inner.longest_prefixes_by_tier(&hs) {
+            d.set_item(name, (gpu, any))?;
+        }
+        Ok((d, hs.len()))
+    }
+
+    /// Host-tier blocks indexed for `name`.
+    fn host_blocks(&self, name: &str) -> PyResult<usize> {
+        self.inner.replica_host_blocks(name).map_err(index_err)
     }
 
     /// {replica: leading blocks of the chain it holds} for every replica.

@@ -149,15 +149,17 @@ impl Scheduler {
         budget: &mut usize,
         sched: &mut Vec<Scheduled>,
         copies: &mut Vec<i64>,
+        loads: &mut Vec<i64>,
     ) {
         let bs = self.cfg.block_size;
-        let mut hit: Vec<u32> = Vec::new();
+        let mut hit: Vec<Hit> = Vec::new();
+        let mut fresh: Vec<u32> = Vec::new();
         while *budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&queued) = self.waiting.first() else {
                 break;
             };
             let slot = queued.slot;
-            // Longest cached prefix of full blocks.
+            // Longest cached prefix of full blocks, each on the GPU or else on the host.
             hit.clear();
             if self.cfg.enable_prefix_caching {
                 let r = self.slots[slot]
@@ -165,16 +167,30 @@ impl Scheduler {
                     .expect("waiting slot holds a request");
                 extend_hashes(&mut r.cold.block_hashes, r.cold.root_hash, &r.tokens, bs);
                 for &h in &r.cold.block_hashes {
-                    match self.prefix.get(h) {
-                        Some(b) => hit.push(b),
-                        None => break,
+                    if let Some(b) = self.prefix.get(h) {
+                        hit.push(Hit::Gpu(b));
+                    } else if let Some(b) = self.host_tier.get(h) {
+                        hit.push(Hit::Host(b));
+                    } else {
+                        break;
                     }
                 }
+            }
+            // The host part is loaded only when that beats recomputing it.
+            let num_host = hit.iter().filter(|h| matches!(h, Hit::Host(_))).count();
+            let load = num_host > 0 && self.load_pays(num_host);
+            if num_host > 0 && !load {
+                let first_host = hit
+                    .iter()
+                    .position(|h| matches!(h, Hit::Host(_)))
+                    .unwrap_or(hit.len());
+                hit.truncate(first_host);
             }
             let r = self.req(slot);
             let len = r.num_tokens();
             // A whole-prompt hit still recomputes the last token, into a copy of the last
-            // cached block (copy-on-write), so the model produces its logits.
+            // cached block (copy-on-write; a host block is loaded into it), so the model
+            // produces its logits.
             let cow_src = if hit.len() * bs == len {
                 hit.pop()
             } else {
@@ -187,13 +203,14 @@ impl Scheduler {
             };
             let num_new = (len - computed).min(*budget);
             let total_blocks = self.cfg.blocks_for(computed + num_new);
-            let need = total_blocks - hit.len();
+            let num_gpu_hits = hit.iter().filter(|h| matches!(h, Hit::Gpu(_))).count();
+            let need = total_blocks - num_gpu_hits;
             // Hit blocks that sit on the LRU list stop being available once taken.
             let mut taken = hit
                 .iter()
-                .filter(|&&b| self.gpu.is_cached_evictable(b))
+                .filter(|h| matches!(h, Hit::Gpu(b) if self.gpu.is_cached_evictable(*b)))
                 .count();
-            if let Some(src) = cow_src {
+            if let Some(Hit::Gpu(src)) = cow_src {
                 taken += usize::from(self.gpu.is_cached_evictable(src));
             }
             let available = self.gpu.num_available() - taken;
@@ -201,7 +218,8 @@ impl Scheduler {
                 break;
             }
 
-            // Counters: what was asked of the cache, what it served, what is recomputed.
+            // Counters: what was asked of the cache, what each tier served, what is
+            // recomputed, how the host part was decided.
             let prev = r.cold.computed_before_preemption;
             let mut recomputed = prev.saturating_sub(computed);
             if self.cfg.enable_prefix_caching {
@@ -212,24 +230,57 @@ impl Scheduler {
                     .count()
                     * bs;
             }
+            let mut host_tokens = (hit.len() - num_gpu_hits) * bs;
+            if let Some(Hit::Host(_)) = cow_src {
+                host_tokens += bs - 1;
+            }
             self.counters.prefix_queries_tokens += len as u64;
             self.counters.prefix_hits_tokens += computed as u64;
+            self.counters.prefix_hits_host_tokens += host_tokens as u64;
+            self.counters.prefix_hits_gpu_tokens += (computed - host_tokens) as u64;
             self.counters.recomputed_tokens += recomputed as u64;
+            if num_host > 0 {
+                if load {
+                    self.counters.host_load_decisions += 1;
+                } else {
+                    self.counters.host_recompute_decisions += 1;
+                }
+            }
 
             self.waiting.remove(&queued);
-            for &b in &hit {
-                self.gpu.incref(b);
+            for h in &hit {
+                if let Hit::Gpu(b) = *h {
+                    self.gpu.incref(b);
+                }
             }
-            if let Some(src) = cow_src {
+            if let Some(Hit::Gpu(src)) = cow_src {
                 self.gpu.incref(src); // pinned so the copy's own allocation can't evict it
             }
+            fresh.clear();
+            self.gpu_allocate(need, &mut fresh);
+            let handle = self.req(slot).handle;
             let mut r = self.slots[slot]
                 .take()
                 .expect("waiting slot holds a request");
             r.blocks.clear();
             r.blocks_gen = r.blocks_gen.wrapping_add(1);
-            r.blocks.extend_from_slice(&hit);
-            r.num_registered_blocks = hit.len();
+            // Hits in chain order; each host hit takes the next fresh block as its target.
+            let mut next_fresh = fresh.iter().copied();
+            let mut started: Vec<(u32, u32)> = Vec::new();
+            for h in &hit {
+                match *h {
+                    Hit::Gpu(b) => r.blocks.push(b),
+                    Hit::Host(hb) => {
+                        let g = next_fresh.next().expect("a fresh block per host hit");
+                        r.blocks.push(g);
+                        started.push((hb, g));
+                    }
+                }
+            }
+            let cow_dst = cow_src.and_then(|_| next_fresh.clone().next());
+            r.blocks.extend(next_fresh);
+            // Leading GPU hits are the cache's; commit registers the loaded blocks.
+            r.num_registered_blocks = hit.iter().take_while(|h| matches!(h, Hit::Gpu(_))).count();
             r.num_computed = computed;
             r.cold.computed_before_preemption = 0;
             if !r.cold.admitted_once {
@@ -238,18 +289,31 @@ impl Scheduler {
             }
             r.status = Status::Running;
             self.slots[slot] = Some(r);
-            let first_new = self.req(slot).blocks.len();
-            self.grow(slot, need);
-            if let Some(src) = cow_src {
-                let dst = self.req(slot).blocks[first_new];
-                copies.push(i64::from(src));
-                copies.push(i64::from(dst));
-                self.counters.cow_copies += 1;
-                self.gpu.decref(src);
+            match (cow_src, cow_dst) {
+                (Some(Hit::Gpu(src)), Some(dst)) => {
+                    copies.push(i64::from(src));
+                    copies.push(i64::from(dst));
+                    self.counters.cow_copies += 1;
+                    self.gpu.decref(src);
+                }
+                (Some(Hit::Host(hb)), Some(dst)) => started.push((hb, dst)),
+                _ => {}
+            }
+            for (hb, g) in started {
+                loads.push(i64::from(hb));
+                loads.push(i64::from(g));
+                self.start_load(hb, g, slot, handle);
             }
             self.running.push(slot);
             sched.push(Scheduled::new(slot, self.req(slot), num_new));
             *budget -= num_new;
         }
     }
+}
+
+/// Where one block of a prompt's cached prefix is.
+#[derive(Debug, Clone, Copy)]
+enum Hit {
+    Gpu(u32),
+    Host(u32),
 }

@@ -48,6 +48,8 @@ impl Scheduler {
                 msg: "no plan".into(),
             });
         };
+        // The runner finished the plan's copies before committing it.
+        self.complete_copies();
         let mut out = self.scratch.output.take().unwrap_or_default();
         out.handles.clear();
         out.handles.reserve(sampled.len());

@@ -10,7 +10,7 @@ fn broken<T>(msg: String) -> CoreResult<T> {
 }
 
 impl Scheduler {
-    /// Checks block accounting, ownership, the prefix map and the queues.
+    /// Checks block accounting, ownership, the prefix map, the host tier and the queues.
     pub fn check_invariants(&self) -> CoreResult<()> {
         let cfg = &self.cfg;
         let mut gpu_owners = vec![0u32; cfg.num_gpu_blocks];
@@ -124,6 +124,7 @@ impl Scheduler {
                 cfg.max_num_seqs
             ));
         }
+        self.check_host_tier(&mut host_owners)?;
         self.gpu.check(&gpu_owners)?;
         self.host.check(&host_owners)?;
         for (b, &o) in gpu_owners.iter().enumerate() {

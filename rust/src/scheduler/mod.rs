@@ -15,6 +15,7 @@
 mod admission;
 mod commit;
 mod finished_log;
+mod host_tier;
 mod invariants;
 mod lifecycle;
 mod load;
@@ -36,6 +37,7 @@ use crate::recent_tokens::RecentTokens;
 use crate::request::{Request, Status};
 
 use finished_log::FinishedLog;
+use host_tier::HostTier;
 pub use lifecycle::{Ended, RequestStats, Retained};
 use plan_builder::{DecodePlanShape, Pending, PlannedRow, SampleRow, Scheduled};
 use steady::SteadyBatch;
@@ -74,6 +76,8 @@ pub struct Scheduler {
     gpu: BlockPool,
     host: BlockPool,
     prefix: PrefixCache,
+    /// The host prefix tier (see host_tier.rs); its blocks are `host`'s.
+    host_tier: HostTier,
     slots: Vec<Option<Request>>,
     free_slots: Vec<usize>,
     by_id: HashMap<String, usize>,
@@ -111,8 +115,13 @@ fn key(r: &Request, slot: usize) -> QueueKey {
 impl Scheduler {
     pub fn new(cfg: Config) -> CoreResult<Self> {
         cfg.validate()?;
+        let mut gpu = BlockPool::new("gpu", cfg.num_gpu_blocks);
+        if cfg.host_prefix_cache {
+            gpu.track_lru_entries();
+        }
         Ok(Scheduler {
-            gpu: BlockPool::new("gpu", cfg.num_gpu_blocks),
+            gpu,
+            host_tier: HostTier::new(cfg.host_prefix_cache),
             host: BlockPool::new("host", cfg.num_host_blocks),
             prefix: PrefixCache::new(cfg.num_gpu_blocks, cfg.evicted_capacity()),
             finished: FinishedLog::new(cfg.finished_memory),
@@ -161,6 +170,10 @@ impl Scheduler {
     pub fn host_pool(&self) -> &BlockPool {
         &self.host
     }
+    /// Blocks the host prefix tier holds (cached, findable by hash).
+    pub fn num_host_cached_blocks(&self) -> usize {
+        self.host_tier.len()
+    }
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
@@ -188,14 +201,15 @@ impl Scheduler {
             waiting: self.waiting.len(),
             swapped: self.swapped.len(),
         };
-        metrics::snapshot(&self.counters, &self.gpu, &self.host, queues)
+        let block_bytes = (self.cfg.block_size as u64).saturating_mul(self.cfg.kv_bytes_per_token);
+        metrics::snapshot(&self.counters, &self.gpu, &self.host, queues, block_bytes)
     }
 
-    /// Builds the next step's plan. Fails if the previous plan (with sequences) has not
-    /// been committed.
+    /// Builds the next step's plan. Fails if the previous plan (with sequences, or with
+    /// host-tier copies) has not been committed.
     pub fn schedule(&mut self) -> CoreResult<Plan> {
         if let Some(p) = &self.pending {
-            if !p.seqs.is_empty() {
+            if !p.seqs.is_empty() || self.host_tier.in_flight() {
                 return Err(CoreError::StalePlan {
                     msg: format!(
                         "plan {} has not been committed; commit it before scheduling again",
@@ -216,6 +230,7 @@ impl Scheduler {
         let mut swap_out: Vec<i64> = Vec::new();
         let mut swap_in: Vec<i64> = Vec::new();
         let mut copies: Vec<i64> = Vec::new();
+        let mut loads: Vec<i64> = Vec::new();
         let mut preempted = false;
 
         // Phase 1: running sequences, decodes (one token left) before prefill chunks.
@@ -290,13 +305,23 @@ impl Scheduler {
             self.swap_in_phase(&mut budget, &mut sched, &mut swap_in);
             // Swapped requests hold host memory and were running: they come back first.
             if self.swapped.is_empty() {
-                self.admit_phase(&mut budget, &mut sched, &mut copies);
+                self.admit_phase(&mut budget, &mut sched, &mut copies, &mut loads);
             }
         }
+        // Last, when no allocation of this step can take the blocks it copies.
+        let mut offloads: Vec<i64> = Vec::new();
+        self.schedule_offloads(&mut offloads);
 
         self.scratch.order = order;
         self.scratch.chunks = chunks;
-        let plan = self.build_plan(sched, swap_out, swap_in, copies);
+        let copy_lists = plan_builder::CopyLists {
+            swap_out,
+            swap_in,
+            copies,
+            offloads,
+            loads,
+        };
+        let plan = self.build_plan(sched, copy_lists);
         Ok(plan)
     }
 

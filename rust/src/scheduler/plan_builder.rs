@@ -48,6 +48,16 @@ impl Scheduled {
     }
 }
 
+/// A plan's block copies (see `Plan`).
+#[derive(Debug, Default)]
+pub(super) struct CopyLists {
+    pub(super) swap_out: Vec<i64>,
+    pub(super) swap_in: Vec<i64>,
+    pub(super) copies: Vec<i64>,
+    pub(super) offloads: Vec<i64>,
+    pub(super) loads: Vec<i64>,
+}
+
 /// What the next plan needs to know of a decode-only plan to tell whether it continues it.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct DecodePlanShape {
@@ -91,13 +101,7 @@ pub(super) struct Pending {
 }
 
 impl Scheduler {
-    pub(super) fn build_plan(
-        &mut self,
-        sched: Vec<Scheduled>,
-        swap_out: Vec<i64>,
-        swap_in: Vec<i64>,
-        copies: Vec<i64>,
-    ) -> Plan {
+    pub(super) fn build_plan(&mut self, sched: Vec<Scheduled>, lists: CopyLists) -> Plan {
         let shift = self.cfg.block_shift();
         let mask = self.cfg.block_size - 1;
         // Decodes (one new token that is sampled) first, everything else after, stable.
@@ -127,9 +131,11 @@ impl Scheduler {
         plan.num_tokens = num_tokens;
         plan.num_decodes = num_decodes;
         plan.max_blocks = max_blocks;
-        plan.swap_out = swap_out;
-        plan.swap_in = swap_in;
-        plan.copies = copies;
+        plan.swap_out = lists.swap_out;
+        plan.swap_in = lists.swap_in;
+        plan.copies = lists.copies;
+        plan.offloads = lists.offloads;
+        plan.loads = lists.loads;
         for v in [&mut plan.handles, &mut plan.sample_handles] {
             v.clear();
             v.reserve(num_seqs);
@@ -164,6 +170,8 @@ impl Scheduler {
             && plan.swap_out.is_empty()
             && plan.swap_in.is_empty()
             && plan.copies.is_empty()
+            && plan.offloads.is_empty()
+            && plan.loads.is_empty()
             && self
                 .last_decode_plan
                 .is_some_and(|last| last.num_seqs == num_seqs && last.max_blocks == max_blocks);

@@ -13,14 +13,21 @@ impl Scheduler {
             return;
         }
         let mut new_blocks = Vec::with_capacity(n);
+        self.gpu_allocate(n, &mut new_blocks);
+        self.req_mut(slot).blocks.extend_from_slice(&new_blocks);
+    }
+
+    /// Allocates `n` GPU blocks into `out` (caller checked availability), forgetting the
+    /// prefix hashes of cached blocks evicted for them.
+    pub(super) fn gpu_allocate(&mut self, n: usize, out: &mut Vec<u32>) {
         let mut ev = std::mem::take(&mut self.evicted_scratch);
-        let res = self.gpu.allocate(n, &mut new_blocks, &mut ev);
+        ev.clear();
+        let res = self.gpu.allocate(n, out, &mut ev);
         debug_assert!(res.is_ok());
         for h in ev.drain(..) {
             self.prefix.on_evicted(h);
         }
         self.evicted_scratch = ev;
-        self.req_mut(slot).blocks.extend_from_slice(&new_blocks);
     }
 
     /// The running request to preempt: lowest priority (largest value), latest arrival.
@@ -69,9 +76,7 @@ impl Scheduler {
         if swap {
             let n = self.cfg.blocks_for(r.num_computed);
             let mut host_blocks = Vec::with_capacity(n);
-            let mut ev = Vec::new();
-            let res = self.host.allocate(n, &mut host_blocks, &mut ev);
-            debug_assert!(res.is_ok());
+            self.host_allocate(n, &mut host_blocks);
             for (g, h) in r.blocks.iter().zip(&host_blocks) {
                 swap_out.push(i64::from(*g));
                 swap_out.push(i64::from(*h));

@@ -69,6 +69,7 @@ impl Scheduler {
         let n = self.steady.handles.len();
         if !(self.steady_path
             && self.steady.committed
+            && !self.gpu.has_lru_entries()
             && self.waiting.is_empty()
             && self.swapped.is_empty()
             && self.running.len() == n
@@ -165,6 +166,8 @@ impl Scheduler {
         plan.swap_out.clear();
         plan.swap_in.clear();
         plan.copies.clear();
+        plan.offloads.clear();
+        plan.loads.clear();
         plan.set_advances_in_place(self.cfg.block_size, self.cfg.max_model_len);
         // The last plan's rows, unchanged: (slot, handle, 1) and (slot, handle).
         self.pending = Some(Pending {

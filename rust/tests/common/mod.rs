@@ -1,5 +1,6 @@
 //! Test harness: a simulated paged KV cache that executes plans exactly as the runner
-//! must (swap_out, swap_in, copies, then writes at slot_mapping), a scripted model whose
+//! must (swap_out, swap_in, copies, host-tier loads, then writes at slot_mapping, and the
+//! host-tier offloads last, as if they ran beside the forward), a scripted model whose
 //! next token is a hash of the context it reads back from that cache, and a reference
 //! that generates the same tokens without any scheduler.
 
@@ -132,6 +133,19 @@ impl Sim {
             let gpu = self.gpu.clone();
             copy_blocks(&gpu, &mut self.gpu, pr[0], pr[1]);
         }
+        for pr in plan.loads.chunks(2) {
+            let host = self.host.clone();
+            copy_blocks(&host, &mut self.gpu, pr[0], pr[1]);
+        }
+        // Offloads may run beside the forward: their GPU blocks must not change meanwhile.
+        let offload_src: Vec<Vec<Slot>> = plan
+            .offloads
+            .chunks(2)
+            .map(|pr| {
+                let a = pr[0] as usize * bs;
+                self.gpu[a..a + bs].to_vec()
+            })
+            .collect();
         assert_eq!(plan.query_start_loc.len(), plan.num_seqs + 1);
         assert_eq!(
             *plan.query_start_loc.last().unwrap() as usize,
@@ -196,7 +210,36 @@ impl Sim {
             plan.sample_handles.len(),
             "sample rows follow sequence order"
         );
+        for (pr, before) in plan.offloads.chunks(2).zip(&offload_src) {
+            let a = pr[0] as usize * bs;
+            assert_eq!(
+                &self.gpu[a..a + bs],
+                &before[..],
+                "GPU block {} written while it was being offloaded",
+                pr[0]
+            );
+            // A full cached block: every slot holds K/V.
+            assert!(
+                before.iter().all(|c| c.is_some()),
+                "offload of a partial block"
+            );
+            let gpu = self.gpu.clone();
+            copy_blocks(&gpu, &mut self.host, pr[0], pr[1]);
+        }
         sampled
+    }
+
+    /// A failed host-tier copy: what its loads and offloads wrote is junk.
+    pub fn corrupt_tier_copies(&mut self, plan: &Plan) {
+        let bs = self.block_size;
+        for pr in plan.loads.chunks(2) {
+            let a = pr[1] as usize * bs;
+            self.gpu[a..a + bs].fill(Some((-1, -1)));
+        }
+        for pr in plan.offloads.chunks(2) {
+            let a = pr[1] as usize * bs;
+            self.host[a..a + bs].fill(Some((-1, -1)));
+        }
     }
 
     /// The plan's block table, synced into the next recycled buffer (which may be several

@@ -199,7 +199,7 @@ class GetLoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetLoadResponse(_message.Message):
-    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics", "prefill_tokens_per_s", "decode_step_s", "waiting_prompt_tokens", "retry_after_s", "instance_id", "kv_cache_dtype", "kv_bytes_per_token")
+    __slots__ = ("kv_usage", "host_kv_usage", "running", "waiting", "swapped", "tokens_last_step", "prefix_hit_rate", "admitting", "num_gpu_blocks", "num_used_gpu_blocks", "num_cached_gpu_blocks", "in_flight", "metrics", "prefill_tokens_per_s", "decode_step_s", "waiting_prompt_tokens", "retry_after_s", "instance_id", "kv_cache_dtype", "kv_bytes_per_token", "prefix_hits_gpu_tokens", "prefix_hits_host_tokens", "num_cached_host_blocks", "host_offloaded_bytes", "host_loaded_bytes", "host_load_decisions", "host_recompute_decisions", "host_evictions", "recomputed_tokens", "host_link_h2d_bytes_per_s", "host_link_d2h_bytes_per_s")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,6 +227,17 @@ class GetLoadResponse(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HITS_GPU_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HITS_HOST_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_HOST_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    HOST_OFFLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_LOAD_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_RECOMPUTE_DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    HOST_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HOST_LINK_H2D_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
+    HOST_LINK_D2H_BYTES_PER_S_FIELD_NUMBER: _ClassVar[int]
     kv_usage: float
     host_kv_usage: float
     running: int
@@ -247,7 +258,18 @@ class GetLoadResponse(_message.Message):
     instance_id: str
     kv_cache_dtype: str
     kv_bytes_per_token: int
-    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., waiting_prompt_tokens: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., instance_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+    prefix_hits_gpu_tokens: int
+    prefix_hits_host_tokens: int
+    num_cached_host_blocks: int
+    host_offloaded_bytes: int
+    host_loaded_bytes: int
+    host_load_decisions: int
+    host_recompute_decisions: int
+    host_evictions: int
+    recomputed_tokens: int
+    host_link_h2d_bytes_per_s: float
+    host_link_d2h_bytes_per_s: float
+    def __init__(self, kv_usage: _Optional[float] = ..., host_kv_usage: _Optional[float] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., swapped: _Optional[int] = ..., tokens_last_step: _Optional[int] = ..., prefix_hit_rate: _Optional[float] = ..., admitting: bool = ..., num_gpu_blocks: _Optional[int] = ..., num_used_gpu_blocks: _Optional[int] = ..., num_cached_gpu_blocks: _Optional[int] = ..., in_flight: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., prefill_tokens_per_s: _Optional[float] = ..., decode_step_s: _Optional[float] = ..., waiting_prompt_tokens: _Optional[int] = ..., retry_after_s: _Optional[float] = ..., instance_id: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., prefix_hits_gpu_tokens: _Optional[int] = ..., prefix_hits_host_tokens: _Optional[int] = ..., num_cached_host_blocks: _Optional[int] = ..., host_offloaded_bytes: _Optional[int] = ..., host_loaded_bytes: _Optional[int] = ..., host_load_decisions: _Optional[int] = ..., host_recompute_decisions: _Optional[int] = ..., host_evictions: _Optional[int] = ..., recomputed_tokens: _Optional[int] = ..., host_link_h2d_bytes_per_s: _Optional[float] = ..., host_link_d2h_bytes_per_s: _Optional[float] = ...) -> None: ...
 
 class StreamKvEventsRequest(_message.Message):
     __slots__ = ()
