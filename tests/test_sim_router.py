@@ -22,7 +22,7 @@ def _config(blocks: int = 512) -> ReplicaConfig:
 def _snapshot_matches_index(sim: Simulator, router: FleetRouter) -> None:
     for r in sim.replicas:
         router._sync(r)  # events since the last decision
-        _, snap = r.core.kv_snapshot()
+        _, snap, _host = r.core.kv_snapshot()  # the simulator has no host tier
         hashes = [snap[i:i + 16] for i in range(0, len(snap), 16)]
         assert hashes, "the run cached something"
         assert router.index.replica_stats(str(r.index))[0] == len(hashes)

@@ -94,9 +94,10 @@ class FleetRouter:
         resync, _, kinds, hashes = r.core.drain_kv_events()
         if resync:  # the log overflowed: start over from a snapshot, as a subscriber does
             self.resyncs += 1
-            _, snap = r.core.kv_snapshot()
+            _, gpu, host = r.core.kv_snapshot()
             self.index.clear_replica(name)
-            self.index.store(name, snap)
+            self.index.store(name, gpu)
+            self.index.store_host(name, host)
         elif kinds:
             self._feed.apply(name, kinds, hashes)
 
