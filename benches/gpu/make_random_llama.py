@@ -48,8 +48,9 @@ def main() -> None:
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu()
 
-    ones = torch.ones(h, dtype=torch.bfloat16)
-    save_file({"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones,
+    def ones() -> torch.Tensor:  # a tensor of its own for each norm (safetensors refuses shared ones)
+        return torch.ones(h, dtype=torch.bfloat16)
+    save_file({"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones(),
                "lm_head.weight": rand(v, h)}, str(out / "model-embed.safetensors"))
     for n in range(args.layers):
         p = f"model.layers.{n}."
@@ -57,8 +58,8 @@ def main() -> None:
                    rand(kv, h), p + "self_attn.v_proj.weight": rand(kv, h),
                    p + "self_attn.o_proj.weight": rand(h, h), p + "mlp.gate_proj.weight":
                    rand(i, h), p + "mlp.up_proj.weight": rand(i, h),
-                   p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": ones,
-                   p + "post_attention_layernorm.weight": ones},
+                   p + "mlp.down_proj.weight": rand(h, i), p + "input_layernorm.weight": ones(),
+                   p + "post_attention_layernorm.weight": ones()},
                   str(out / f"model-layer{n:03d}.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
