@@ -126,7 +126,8 @@ def test_rotated_fp8_keys_give_smaller_logit_errors_on_outlier_channels() -> Non
     d, n = 64, 512
     channel = torch.ones(d)
     channel[torch.randperm(d, generator=gen)[:3]] = 30.0
-    q, k = torch.randn(n, 1, d, generator=gen) * channel, torch.randn(n, 1, d, generator=gen) * channel
+    q = torch.randn(n, 1, d, generator=gen) * channel
+    k = torch.randn(n, 1, d, generator=gen) * channel
     exact = torch.einsum("qhd,khd->qk", q.double(), k.double())
 
     def logit_error(rotate: bool) -> float:

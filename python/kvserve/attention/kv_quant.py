@@ -2,19 +2,22 @@
 
 An fp8_e4m3 cache stores K and V as torch.float8_e4m3fn with one float32 scale per layer
 and KV head for K and one for V: stored = saturate(x / scale), read = stored * scale.
+
 K is stored rotated: k @ R with R = key_rotation(head_dim), a fixed orthonormal
 (block-)Hadamard matrix, and a reader rotates q the same way, since (q R).(k R) = q.k.
-Why: e4m3 rounds each element to ~2.7% relative error whatever the scale, and a query-key
-logit sums q_i * k_i * error_i; rotary keys put most of their energy in a few channels, so
-a few large rounding errors dominate the logit. The rotation spreads every key's energy
-evenly over the head's channels, so the logit's error averages over all of them. V is not
-rotated (the output's error norm is the same either way).
+Why: e4m3's 3 mantissa bits round each element to a few percent whatever the scale, and a
+query-key logit sums q_i * k_i * error_i; rotary keys put most of their energy in a few
+channels, so those channels' rounding errors dominate the logit. The rotation spreads every
+key's energy evenly over the head's channels, so the logit's error averages over all of
+them. V is not rotated (the output's error norm is the same either way).
+
 The scales are calibrated once at start (runner.py) from one prefill of fixed pseudo-random
 tokens: absmax over that prefill's tokens and head dims (of the rotated keys for K), times
-CALIBRATION_HEADROOM, maps to the e4m3 maximum. That rule depends on nothing a request sends, so every run of a model
-quantizes the same way (tests reproduce it); the headroom leaves room for activations
-larger than the calibration's (e4m3 keeps its 3 mantissa bits down to 2^-6 of its maximum,
-so headroom costs almost no precision) and anything beyond is saturated, never inf/NaN.
+CALIBRATION_HEADROOM, maps to the e4m3 maximum. That rule depends on nothing a request
+sends, so every run of a model quantizes the same way (tests reproduce it); the headroom
+leaves room for activations larger than the calibration's (e4m3 keeps its 3 mantissa bits
+down to 2^-6 of its maximum, so headroom costs almost no precision) and anything beyond is
+saturated, never inf/NaN.
 """
 
 from __future__ import annotations
