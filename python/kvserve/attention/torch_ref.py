@@ -37,6 +37,7 @@ class TorchAttentionBackend:
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 kv_written: bool = False, kv_scales: KVScales | None = None) -> torch.Tensor:
         ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
+        # An FP8 cache holds rotated keys (a caller that wrote K itself rotated it).
         if is_fp8(k_cache.dtype):
             q = rotate_keys(q)
             if not kv_written:
