@@ -19,7 +19,9 @@ from kvserve.attention.kv_quant import (
     check_kv_cache_dtype,
     dequantize,
     head_absmax,
+    key_rotation,
     quantize,
+    rotate_keys,
     scales_from_absmax,
 )
 
@@ -82,8 +84,9 @@ def test_fp8_attention_matches_fp32_reference_on_dequantized_values(
 
     flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     slots = meta.slot_mapping
-    # The cache holds exactly the quantized new K/V (the bytes the kernels would write).
-    assert torch.equal(flat_k[slots].view(torch.uint8), quantize(k, scales.k).view(torch.uint8))
+    # The cache holds exactly the quantized new K (rotated) and V: the bytes kernels write.
+    assert torch.equal(flat_k[slots].view(torch.uint8),
+                       quantize(rotate_keys(k), scales.k).view(torch.uint8))
     assert torch.equal(flat_v[slots].view(torch.uint8), quantize(v, scales.v).view(torch.uint8))
     # The values attention reads: dequantized into the compute dtype.
     deq_k = dequantize(flat_k, scales.k, dtype)
@@ -94,10 +97,48 @@ def test_fp8_attention_matches_fp32_reference_on_dequantized_values(
             row = qsl[i] + j
             ctx = cached[i] + j + 1  # causal, bottom-right aligned
             idx = torch.tensor([tables[i][p // block] * block + p % block for p in range(ctx)])
-            want = _reference(q[row], deq_k[idx], deq_v[idx], d**-0.5)
+            # Cached keys are rotated: the reference takes q rotated the same way, in the
+            # compute dtype as a kernel reads it (the rotation itself is tested below).
+            want = _reference(rotate_keys(q[row]), deq_k[idx], deq_v[idx], d**-0.5)
             err = (out[row].double() - want).norm() / want.norm()
             limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
             assert err < limit, (i, j, float(err))
+
+
+@pytest.mark.parametrize("d", [1, 7, 16, 64, 80, 96, 128])
+def test_key_rotation_is_orthonormal_and_keeps_every_logit(d: int) -> None:
+    r = key_rotation(d, torch.float64, torch.device("cpu"))
+    assert torch.allclose(r @ r.T, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    block = d & -d
+    if block > 1:  # a real rotation: no key channel maps to itself alone
+        assert (r.abs().amax(dim=0) < 1).all()
+    gen = torch.Generator().manual_seed(d)
+    q, k = torch.randn(5, 3, d, generator=gen), torch.randn(9, 3, d, generator=gen)
+    logits = torch.einsum("qhd,khd->hqk", q, k)
+    rotated = torch.einsum("qhd,khd->hqk", rotate_keys(q), rotate_keys(k))
+    assert torch.allclose(logits, rotated, atol=1e-4)
+
+
+def test_rotated_fp8_keys_give_smaller_logit_errors_on_outlier_channels() -> None:
+    # Keys and queries with a few large channels (as rotary keys have): the rounding error
+    # of those channels dominates unrotated logits; rotated keys spread it over all 64.
+    gen = torch.Generator().manual_seed(11)
+    d, n = 64, 512
+    channel = torch.ones(d)
+    channel[torch.randperm(d, generator=gen)[:3]] = 30.0
+    q = torch.randn(n, 1, d, generator=gen) * channel
+    k = torch.randn(n, 1, d, generator=gen) * channel
+    exact = torch.einsum("qhd,khd->qk", q.double(), k.double())
+
+    def logit_error(rotate: bool) -> float:
+        qq, kk = (rotate_keys(q), rotate_keys(k)) if rotate else (q, k)
+        scale = scales_from_absmax(head_absmax(kk))
+        back = dequantize(quantize(kk, scale), scale, torch.float32)
+        got = torch.einsum("qhd,khd->qk", qq.double(), back.double())
+        return float((got - exact).norm() / exact.norm())
+
+    plain, rotated = logit_error(False), logit_error(True)
+    assert rotated < plain / 2, (plain, rotated)
 
 
 def test_quantize_saturates_and_keeps_relative_precision() -> None:

@@ -185,7 +185,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _calibrate_fp8(self, n: int) -> None:
         """Per layer and KV head FP8 scales from one n-token prefill of seeded random tokens
-        into a model-dtype cache (the rule in attention/kv_quant.py); set on every layer."""
+        into a model-dtype cache (the rule in attention/kv_quant.py, K's taken after the
+        key rotation the FP8 cache stores K in); set on every layer."""
         gen = torch.Generator().manual_seed(kv_quant.CALIBRATION_SEED)
         ids = torch.randint(0, self.config.vocab_size, (n,), generator=gen).to(self.device)
         blocks = (n + self.block_size - 1) // self.block_size
@@ -197,7 +198,8 @@ class ModelRunner:
                 k, v = k.transpose(1, 2), v.transpose(1, 2)
             rows = (-1, *k.shape[-2:])  # [slots, Hkv, D]
             scales = kv_quant.KVScales(
-                k=kv_quant.scales_from_absmax(kv_quant.head_absmax(k.reshape(rows)[:n])),
+                k=kv_quant.scales_from_absmax(
+                    kv_quant.head_absmax(kv_quant.rotate_keys(k.reshape(rows)[:n]))),
                 v=kv_quant.scales_from_absmax(kv_quant.head_absmax(v.reshape(rows)[:n])))
             attention = layer.self_attn
             assert isinstance(attention, Attention)

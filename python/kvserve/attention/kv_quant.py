@@ -2,16 +2,27 @@
 
 An fp8_e4m3 cache stores K and V as torch.float8_e4m3fn with one float32 scale per layer
 and KV head for K and one for V: stored = saturate(x / scale), read = stored * scale.
+
+K is stored rotated: k @ R with R = key_rotation(head_dim), a fixed orthonormal
+(block-)Hadamard matrix, and a reader rotates q the same way, since (q R).(k R) = q.k.
+Why: e4m3's 3 mantissa bits round each element to a few percent whatever the scale, and a
+query-key logit sums q_i * k_i * error_i; rotary keys put most of their energy in a few
+channels, so those channels' rounding errors dominate the logit. The rotation spreads every
+key's energy evenly over the head's channels, so the logit's error averages over all of
+them. V is not rotated (the output's error norm is the same either way).
+
 The scales are calibrated once at start (runner.py) from one prefill of fixed pseudo-random
-tokens: absmax over that prefill's tokens and head dims, times CALIBRATION_HEADROOM, maps
-to the e4m3 maximum. That rule depends on nothing a request sends, so every run of a model
-quantizes the same way (tests reproduce it); the headroom leaves room for activations
-larger than the calibration's (e4m3 keeps its 3 mantissa bits down to 2^-6 of its maximum,
-so headroom costs almost no precision) and anything beyond is saturated, never inf/NaN.
+tokens: absmax over that prefill's tokens and head dims (of the rotated keys for K), times
+CALIBRATION_HEADROOM, maps to the e4m3 maximum. That rule depends on nothing a request
+sends, so every run of a model quantizes the same way (tests reproduce it); the headroom
+leaves room for activations larger than the calibration's (e4m3 keeps its 3 mantissa bits
+down to 2^-6 of its maximum, so headroom costs almost no precision) and anything beyond is
+saturated, never inf/NaN.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +71,28 @@ def scales_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
 def head_absmax(x: torch.Tensor) -> torch.Tensor:
     """x [..., H, D] -> float32 [H]: the largest |x| of each head."""
     return x.float().abs().flatten(0, -3).amax(dim=(0, 2))
+
+
+@functools.cache
+def _key_rotation(head_dim: int) -> torch.Tensor:
+    block = head_dim & -head_dim  # the largest power of two dividing head_dim
+    h = torch.ones(1, 1)
+    while h.shape[0] < block:  # Sylvester's construction
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.block_diag(*[h / block**0.5] * (head_dim // block))
+
+
+def key_rotation(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The orthonormal [D, D] matrix an FP8 cache's keys are stored rotated by: Hadamard for a
+    power-of-two head_dim, else block-diagonal Hadamard over its largest power-of-two
+    divisor (the identity for an odd head_dim)."""
+    return _key_rotation(head_dim).to(device=device, dtype=dtype)
+
+
+def rotate_keys(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] @ key_rotation(D), computed in float32 and returned in x's dtype: keys
+    before quantizing, queries before attending to the cache."""
+    return (x.float() @ key_rotation(x.shape[-1], torch.float32, x.device)).to(x.dtype)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ Works on any device torch does. Cache layout per layer: [num_blocks, block_size,
 prefill (or prefill chunk) is attended separately, bottom-right causal.
 The cache may hold another dtype than q/k/v (--kv-cache-dtype): the write casts (an FP8
 cache quantizes with the layer's KVScales), the read casts back (FP8: dequantizes), so
-attention always runs in q's dtype on exactly the values the cache holds.
+attention always runs in q's dtype on exactly the values the cache holds. An FP8 cache holds
+K rotated (kv_quant.rotate_keys): new keys are rotated before the write and q before the
+read, which leaves every q.k unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.attention.kv_quant import KVScales, dequantize, is_fp8, quantize
+from kvserve.attention.kv_quant import KVScales, dequantize, is_fp8, quantize, rotate_keys
 
 
 class TorchAttentionBackend:
@@ -36,6 +38,11 @@ class TorchAttentionBackend:
                 v_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                 kv_written: bool = False, kv_scales: KVScales | None = None) -> torch.Tensor:
         ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
+        # An FP8 cache holds rotated keys (a caller that wrote K itself rotated it).
+        if is_fp8(k_cache.dtype):
+            q = rotate_keys(q)
+            if not kv_written:
+                k = rotate_keys(k)
         if not kv_written:
             _write(k_cache, k, meta.slot_mapping, ks)
             _write(v_cache, v, meta.slot_mapping, vs)
