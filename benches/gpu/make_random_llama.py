@@ -48,7 +48,7 @@ def main() -> None:
     def rand(*shape: int) -> torch.Tensor:
         return (torch.randn(*shape, generator=gen, device=dev) * 0.02).to(torch.bfloat16).cpu()
 
-    def ones() -> torch.Tensor:  # a tensor of its own for each norm (safetensors refuses shared ones)
+    def ones() -> torch.Tensor:  # one tensor per norm: safetensors refuses shared ones
         return torch.ones(h, dtype=torch.bfloat16)
     save_file({"model.embed_tokens.weight": rand(v, h), "model.norm.weight": ones(),
                "lm_head.weight": rand(v, h)}, str(out / "model-embed.safetensors"))

@@ -12,7 +12,14 @@ import torch
 from kernel_ref import Batch, make_batch, max_row_rel_err, ref_attention, ref_cache_write, rel_err
 
 from kvserve.attention.cuda import CudaAttentionBackend
-from kvserve.attention.kv_quant import FP8_DTYPE, FP8_MAX, KVScales, check_kv_cache_dtype, quantize
+from kvserve.attention.kv_quant import (
+    FP8_DTYPE,
+    FP8_MAX,
+    KVScales,
+    check_kv_cache_dtype,
+    quantize,
+    rotate_keys,
+)
 from kvserve.kernels.cache_write import cache_write
 from kvserve.kernels.paged_attention import (
     DECODE_CONFIG_FP8,
@@ -83,11 +90,14 @@ def write_cache(f: Fp8Batch) -> None:
                 k_scale=f.k_scale, v_scale=f.v_scale)
 
 
-def check(f: Fp8Batch, out: torch.Tensor, scale: float) -> None:
+def check(f: Fp8Batch, out: torch.Tensor, scale: float, backend: bool = False) -> None:
+    """The kernels attend with q as given; the backend rotates q (the cache's keys are
+    stored rotated, kv_quant.rotate_keys), so its reference does too."""
     b = f.b
     n_real = int(b.meta.query_start_loc_cpu[-1])
     kd, vd = f.dequantized()
-    ref = ref_attention(b.q, kd, vd, b.layout, b.meta, b.block_size, scale)
+    q = rotate_keys(b.q) if backend else b.q
+    ref = ref_attention(q, kd, vd, b.layout, b.meta, b.block_size, scale)
     got = out[:n_real]
     assert not torch.isnan(got).any(), "unwritten (NaN-poisoned) output rows remain"
     err, row_err = rel_err(got, ref[:n_real]), max_row_rel_err(got, ref[:n_real])
@@ -194,7 +204,7 @@ def test_backend_mixed_batch_matches_reference(layout, dtype) -> None:
     scale = 128**-0.5
     out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, scale,
                           kv_scales=KVScales(f.k_scale, f.v_scale))
-    check(f, out, scale)
+    check(f, out, scale, backend=True)
     n_real = int(b.meta.query_start_loc_cpu[-1])
     assert torch.equal(out[n_real:], torch.zeros_like(out[n_real:]))  # padding rows
 
@@ -208,7 +218,7 @@ def test_backend_one_token_prefills_split_too() -> None:
     b.meta.num_decodes = 1  # the two others arrive as 1-token prefill chunks
     out = backend.forward(b.q, b.k, b.v, b.k_cache, b.v_cache, b.meta, 128**-0.5,
                           kv_scales=KVScales(f.k_scale, f.v_scale))
-    check(f, out, 128**-0.5)
+    check(f, out, 128**-0.5, backend=True)
 
 
 def test_backend_step_is_graph_capturable() -> None:
@@ -235,7 +245,7 @@ def test_backend_step_is_graph_capturable() -> None:
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        check(f, out, scale)
+        check(f, out, scale, backend=True)
 
 
 def test_backend_refuses_kv_scales_mismatch() -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.attention.kv_quant import KVScales, is_fp8, kv_dtype_name
+from kvserve.attention.kv_quant import KVScales, is_fp8, kv_dtype_name, rotate_keys
 from kvserve.kernels import prefill_sm90
 from kvserve.kernels.cache_write import cache_write
 from kvserve.kernels.launcher import CudaUnavailableError, cuda_unavailable_reason
@@ -101,6 +101,10 @@ class CudaAttentionBackend:
             raise ValueError("kv_scales: given exactly when the KV cache is FP8")
         ks, vs = (kv_scales.k, kv_scales.v) if kv_scales is not None else (None, None)
         pdl = self._pdl_arch
+        if fp8:  # the FP8 cache holds K rotated (kv_quant.rotate_keys); q.k is unchanged
+            q = rotate_keys(q)
+            if not kv_written:
+                k = rotate_keys(k)
         if not kv_written:
             cache_write(k, v, k_cache, v_cache, meta.slot_mapping, self.layout, pdl=pdl,
                         k_scale=ks, v_scale=vs)

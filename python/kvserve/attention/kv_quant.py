@@ -82,11 +82,17 @@ def _key_rotation(head_dim: int) -> torch.Tensor:
     return torch.block_diag(*[h / block**0.5] * (head_dim // block))
 
 
+@functools.cache
+def _key_rotation_on(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    # One copy per device and dtype: no host-to-device copy per call (CUDA-graph capturable).
+    return _key_rotation(head_dim).to(device=device, dtype=dtype)
+
+
 def key_rotation(head_dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The orthonormal [D, D] matrix an FP8 cache's keys are stored rotated by: Hadamard for a
     power-of-two head_dim, else block-diagonal Hadamard over its largest power-of-two
     divisor (the identity for an odd head_dim)."""
-    return _key_rotation(head_dim).to(device=device, dtype=dtype)
+    return _key_rotation_on(head_dim, dtype, torch.device(device))
 
 
 def rotate_keys(x: torch.Tensor) -> torch.Tensor:
