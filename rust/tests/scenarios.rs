@@ -645,6 +645,13 @@ fn host_tier_offloads_idle_blocks_and_loads_them_back() {
     let mut turn2 = first.clone();
     turn2.extend(tokens(&mut rng, 5));
     sim.add(&mut s, req("turn2", turn2.clone(), 3)).unwrap();
+    // The other prompt's 10 blocks just went idle: they are offloaded first, pinned until
+    // the copy is done, so turn2 waits one step for blocks instead of dropping them.
+    let plan = s.schedule().unwrap();
+    assert_eq!((plan.num_seqs, plan.offloads.len() / 2), (0, 10));
+    sim.execute(&s, &plan);
+    sim.commit(&mut s, &plan, &[]);
+    s.check_invariants().unwrap();
     let plan = s.schedule().unwrap();
     assert_eq!(
         plan.loads.len() / 2,

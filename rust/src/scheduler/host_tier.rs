@@ -6,11 +6,10 @@
 //! use (ref 1, no hash yet). Swap allocations may evict cached host blocks like offloads do.
 //!
 //! Offload (write-through of idle blocks): a GPU prefix block whose last holder let go goes
-//! onto the GPU LRU list; at the end of the next full `schedule` it is copied to a host
-//! block (the plan's `offloads`) unless the host already holds its hash. The GPU block stays
-//! cached on the GPU meanwhile: nothing writes or reuses it before the plan is committed
-//! (allocations happen only in `schedule`, and `schedule` refuses while copies are in
-//! flight), so the copy may overlap the forward. At commit the host block takes the hash
+//! onto the GPU LRU list; in the next full `schedule`, before admissions, it is copied to a
+//! host block (the plan's `offloads`) unless the host already holds its hash. The GPU block
+//! stays cached on the GPU and is pinned until the plan is committed, so the admissions of
+//! that step cannot evict (drop) or write it, and the copy may overlap the forward. At commit the host block takes the hash
 //! and becomes findable; when the GPU later evicts its own copy nothing is lost.
 //!
 //! Load: admission looks a prompt's block hashes up on the GPU, then on the host. For the
@@ -129,8 +128,10 @@ impl Scheduler {
         self.counters.host_loaded_blocks += 1;
     }
 
-    /// The end of a full `schedule`: copies the GPU prefix blocks that went idle since the
-    /// last pass (oldest first) to host blocks, as long as host blocks can be had.
+    /// In a full `schedule`, before it admits new work: copies the GPU prefix blocks that
+    /// went idle since the last pass (oldest first) to host blocks, as long as host blocks
+    /// can be had, and pins them until the copy is done, so the admissions that follow
+    /// cannot evict (and drop) what just went idle.
     pub(super) fn schedule_offloads(&mut self, out: &mut Vec<i64>) {
         if !self.host_tier.on {
             return;
@@ -166,6 +167,8 @@ impl Scheduler {
                 hash: h,
             });
             self.host_tier.offloading.insert(h, ());
+            // Pinned until the copy is done: no allocation of this step can take it.
+            self.gpu.incref(g);
             self.counters.host_offloaded_blocks += 1;
         }
         entries.clear();
@@ -177,6 +180,7 @@ impl Scheduler {
     pub(super) fn complete_copies(&mut self) {
         let tier = &mut self.host_tier;
         for o in tier.offloads.drain(..) {
+            self.gpu.decref(o.gpu);
             if tier.map.contains_key(&o.hash) {
                 self.host.decref(o.host); // no hash: back to the free stack
                 continue;
@@ -208,6 +212,7 @@ impl Scheduler {
         }
         let tier = &mut self.host_tier;
         for o in tier.offloads.drain(..) {
+            self.gpu.decref(o.gpu);
             self.host.decref(o.host);
             self.counters.host_copy_failures += 1;
         }
@@ -248,8 +253,13 @@ impl Scheduler {
     }
 
     /// The host tier's consistency: every hashed host block is the one the host map names,
-    /// copies in flight hold what they claim. `owners` gets one per in-flight host block.
-    pub(super) fn check_host_tier(&self, host_owners: &mut [u32]) -> CoreResult<()> {
+    /// copies in flight hold what they claim. The owners get one per in-flight host block
+    /// and one per GPU block an offload pins.
+    pub(super) fn check_host_tier(
+        &self,
+        gpu_owners: &mut [u32],
+        host_owners: &mut [u32],
+    ) -> CoreResult<()> {
         let broken = |m: String| Err(CoreError::Invariant(format!("host tier: {m}")));
         let tier = &self.host_tier;
         for o in &tier.offloads {
@@ -260,7 +270,11 @@ impl Scheduler {
             if self.host.hash(o.host).is_some() {
                 return broken(format!("host block {} is findable while written", o.host));
             }
-            if !self.gpu.is_cached_evictable(o.gpu) || self.gpu.hash(o.gpu) != Some(o.hash) {
+            match gpu_owners.get_mut(o.gpu as usize) {
+                Some(c) => *c += 1, // the offload's pin
+                None => return broken(format!("offload from bad GPU block {}", o.gpu)),
+            }
+            if self.gpu.ref_count(o.gpu) == 0 || self.gpu.hash(o.gpu) != Some(o.hash) {
                 return broken(format!(
                     "GPU block {} was reused while being offloaded",
                     o.gpu

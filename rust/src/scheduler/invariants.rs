@@ -124,7 +124,7 @@ impl Scheduler {
                 cfg.max_num_seqs
             ));
         }
-        self.check_host_tier(&mut host_owners)?;
+        self.check_host_tier(&mut gpu_owners, &mut host_owners)?;
         self.gpu.check(&gpu_owners)?;
         self.host.check(&host_owners)?;
         for (b, &o) in gpu_owners.iter().enumerate() {

@@ -300,6 +300,10 @@ impl Scheduler {
             budget -= num_new;
         }
 
+        // Blocks that went idle go to the host tier before admissions can evict them.
+        let mut offloads: Vec<i64> = Vec::new();
+        self.schedule_offloads(&mut offloads);
+
         // Phases 2 and 3 admit new work, which a step that had to preempt must not do.
         if !preempted {
             self.swap_in_phase(&mut budget, &mut sched, &mut swap_in);
@@ -308,9 +312,6 @@ impl Scheduler {
                 self.admit_phase(&mut budget, &mut sched, &mut copies, &mut loads);
             }
         }
-        // Last, when no allocation of this step can take the blocks it copies.
-        let mut offloads: Vec<i64> = Vec::new();
-        self.schedule_offloads(&mut offloads);
 
         self.scratch.order = order;
         self.scratch.chunks = chunks;
