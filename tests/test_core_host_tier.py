@@ -12,95 +12,42 @@ blocks, load them and recompute fewer prompt tokens.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 
 from kvserve._core import Core, Plan, PrefixIndex, StalePlanError, block_hashes
+from test_core_scenarios import VOCAB, Sim, reference
 
-VOCAB = 101
 BS = 4
 
 
-def model(context: np.ndarray) -> int:
-    digest = hashlib.blake2b(np.ascontiguousarray(context, dtype=np.int64).tobytes(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") % VOCAB
+class TierSim(Sim):
+    """test_core_scenarios' simulated cache (which applies loads and checks offloads), with
+    copy-only plans committed exactly when the core says they must be."""
 
+    def __init__(self, core: Core, num_host_blocks: int) -> None:
+        super().__init__(core, num_host_blocks)
+        self.offloads = self.loads = 0
 
-def reference(prompt: list[int], max_tokens: int) -> list[int]:
-    ctx = list(prompt)
-    for _ in range(max_tokens):
-        ctx.append(model(np.array(ctx)))
-    return ctx[len(prompt) :]
-
-
-@dataclass
-class TierSim:
-    core: Core
-    num_host_blocks: int
-    tokens: dict[int, list[int]] = field(default_factory=dict)
-    ids: dict[str, int] = field(default_factory=dict)
-    finished: set[str] = field(default_factory=set)
-    offloads: int = 0
-    loads: int = 0
-
-    def __post_init__(self) -> None:
-        self.gpu = np.full((self.core.num_gpu_blocks, BS, 2), -1, dtype=np.int64)
-        self.host = np.full((self.num_host_blocks, BS, 2), -1, dtype=np.int64)
-
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> None:
-        h = self.core.add_request(request_id, prompt, max_tokens, ignore_eos=True)
-        self.tokens[h] = list(prompt)
-        self.ids[request_id] = h
-
-    def execute(self, plan: Plan) -> np.ndarray:
-        for g, h in plan.swap_out:
-            self.host[h] = self.gpu[g]
-        for h, g in plan.swap_in:
-            self.gpu[g] = self.host[h]
-        for src, dst in plan.copies:
-            self.gpu[dst] = self.gpu[src]
-        for h, g in plan.loads:
-            self.gpu[g] = self.host[h]
-        sources = [self.gpu[g].copy() for g, _ in plan.offloads]
-        flat = self.gpu.reshape(-1, 2)
-        flat[plan.slot_mapping, 0] = plan.input_ids
-        flat[plan.slot_mapping, 1] = plan.positions
-        sampled = []
-        rows = {int(h): i for i, h in enumerate(plan.sample_handles)}
-        for i in range(plan.num_seqs):
-            h = int(plan.handles[i])
-            truth = self.tokens[h]
-            n = int(plan.seq_lens[i])
-            blocks = plan.block_table[i, : (n + BS - 1) // BS]
-            kv = self.gpu[blocks].reshape(-1, 2)[:n]
-            np.testing.assert_array_equal(kv[:, 0], truth[:n], err_msg=f"KV tokens of {h}")
-            np.testing.assert_array_equal(kv[:, 1], np.arange(n), err_msg=f"KV positions of {h}")
-            if h in rows:
-                sampled.append(model(kv[:, 0]))
-        for (g, h), before in zip(plan.offloads, sources):
-            np.testing.assert_array_equal(self.gpu[g], before, err_msg="offloaded block written")
-            self.host[h] = self.gpu[g]
-        self.offloads += len(plan.offloads)
-        self.loads += len(plan.loads)
-        return np.array(sampled, dtype=np.int64)
+    def add(self, request_id: str, prompt: list[int], max_tokens: int, **kw: object) -> int:
+        return super().add(request_id, prompt, max_tokens, ignore_eos=True, **kw)
 
     def step(self) -> Plan:
         plan = self.core.schedule()
         sampled = self.execute(plan)
+        self.offloads += len(plan.offloads)
+        self.loads += len(plan.loads)
         assert plan.must_commit == (plan.num_seqs > 0 or len(plan.offloads) + len(plan.loads) > 0)
         if plan.must_commit:
             out = self.core.commit(plan.id, sampled)
             for h, t in zip(out.handles, out.token_ids):
                 self.tokens[int(h)].append(int(t))
-            self.finished.update(out.finished_ids)
+            self.finished.update(zip(out.finished_ids, out.finish_reasons))
         self.core.check_invariants()
         return plan
 
-    def drain(self) -> None:
-        for _ in range(10_000):
+    def drain(self, max_steps: int = 10_000) -> None:
+        for _ in range(max_steps):
             if not self.core.has_unfinished():
                 # Copies scheduled after the last request ended still run and commit.
                 while self.step().must_commit:
@@ -108,11 +55,6 @@ class TierSim:
                 return
             self.step()
         raise AssertionError("requests never finished")
-
-    def output(self, request_id: str) -> list[int]:
-        h = self.ids[request_id]
-        n = self.core.request_stats(request_id)["prompt_tokens"]
-        return self.tokens[h][n:]
 
 
 def tier_core(host_prefix_cache: bool, load_bytes_per_s: float = 25e9, gpu: int = 24) -> Core:

@@ -72,6 +72,9 @@ class Sim:
             self.gpu[g] = self.host[h]
         for src, dst in plan.copies:
             self.gpu[dst] = self.gpu[src]
+        for h, g in plan.loads:  # host tier: loads land before the forward reads them
+            self.gpu[g] = self.host[h]
+        offloaded = [self.gpu[g].copy() for g, _ in plan.offloads]
         flat = self.gpu.reshape(-1, 2)
         flat[plan.slot_mapping, 0] = plan.input_ids
         flat[plan.slot_mapping, 1] = plan.positions
@@ -94,6 +97,10 @@ class Sim:
                 sampled.append(model(kv[:, 0]))
             else:
                 assert n < len(truth)
+        # Offloads may overlap the forward: the block they read must not change under them.
+        for (g, h), before in zip(plan.offloads, offloaded):
+            np.testing.assert_array_equal(self.gpu[g], before, err_msg="offloaded block written")
+            self.host[h] = self.gpu[g]
         return np.array(sampled, dtype=np.int64)
 
     def step(self) -> Plan:
