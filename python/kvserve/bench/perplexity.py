@@ -8,16 +8,26 @@ exactly the quantization the cache applies.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from kvserve.engine import LLMEngine
 from kvserve.runner import ModelRunner, StepInputs
 
 
-def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> float:
-    """exp(mean next-token NLL) over token_ids[1:], using blocks 0.. of the engine's pool."""
+@dataclass(frozen=True)
+class TextScore:
+    """How a model predicts a text, teacher-forced: each position sees the true prefix."""
+
+    perplexity: float  # exp(mean next-token NLL) over token_ids[1:]
+    argmax: npt.NDArray[np.int64]  # the top next token at each position (len(token_ids) - 1)
+
+
+def score_text(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> TextScore:
+    """Perplexity and per-position top token over token_ids, using blocks 0.. of the pool."""
     runner, block = engine.runner, engine.args.block_size
     if not isinstance(runner, ModelRunner):
         raise ValueError("engine: perplexity needs the model (not --executor sim)")
@@ -27,7 +37,7 @@ def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> flo
         raise ValueError(f"token_ids: {n} tokens do not fit the pool / max_model_len")
     table = np.arange(blocks, dtype=np.int32)[None, :]
     ids = np.asarray(token_ids, dtype=np.int64)
-    nll, count = 0.0, 0
+    nll, count, tops = 0.0, 0, []
     for start in range(0, n - 1, chunk):
         end = min(start + chunk, n - 1)  # the last token is only a target
         logits = runner.forward(StepInputs(
@@ -39,5 +49,11 @@ def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> flo
         targets = torch.from_numpy(ids[start + 1:end + 1]).to(logits.device)
         nll += float(torch.nn.functional.cross_entropy(logits.float(), targets,
                                                        reduction="sum"))
+        tops.append(logits.argmax(dim=-1).cpu().numpy().astype(np.int64))
         count += end - start
-    return math.exp(nll / count)
+    return TextScore(math.exp(nll / count), np.concatenate(tops))
+
+
+def perplexity(engine: LLMEngine, token_ids: list[int], chunk: int = 512) -> float:
+    """exp(mean next-token NLL) over token_ids[1:], using blocks 0.. of the engine's pool."""
+    return score_text(engine, token_ids, chunk).perplexity
